@@ -1,0 +1,44 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch / Hugging Face transformers models."""
+
+from .config import PeftConfig, TaskType
+from .layer import LayerAdapter, ModelAdapter, NotMergeableError
+from .methods import BitFitConfig, LoraConfig, PromptTuningConfig, PromptTuningInit
+from .peft_model import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+from .registry import Method, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "BitFitConfig",
+    "LayerAdapter",
+    "LoraConfig",
+    "Method",
+    "ModelAdapter",
+    "NotMergeableError",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "TaskType",
+    "get_peft_model",
+    "inject_adapter_in_model",
+    "register_method",
+]

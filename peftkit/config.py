@@ -1,0 +1,163 @@
+"""Adapter configs: the shared base class, task types, and reading/writing `adapter_config.json`.
+
+A method's config is a dataclass that subclasses `PeftConfig` and is declared with `@method_config`.
+Field names and defaults follow Hugging Face peft so that files move between the two libraries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import functools
+import json
+import os
+import warnings
+from typing import Any, ClassVar
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does; picks the `PeftModel` subclass and the trainable head."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+def check_choice(owner: str, option: str, value: Any, choices: list) -> None:
+    """Raise a ValueError naming the option, the bad value and the accepted ones."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {option}={value!r} is not accepted; use one of {choices}.")
+
+
+def _reject_unknown_options(cls: type) -> None:
+    """Wrap the dataclass __init__ so that a misspelled option names the closest real one."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"{cls.__name__} has no option {', '.join(hints)}. Its options are: {', '.join(names)}."
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
+
+
+def method_config(cls: type) -> type:
+    """Class decorator for method configs: a dataclass whose constructor rejects unknown options."""
+    cls = dataclasses.dataclass(cls)
+    _reject_unknown_options(cls)
+    return cls
+
+
+@method_config
+class PeftConfig:
+    """Fields every adapter config has.
+
+    Class attributes a method config sets:
+      peft_type          the name written to `adapter_config.json` ("LORA", "BITFIT", ...).
+      reference_fields   fields Hugging Face peft writes for this method that peftkit does not implement,
+                         with the value meaning "feature off". They are written with that value, and a file
+                         that turns one on is refused rather than silently loaded with different outputs.
+    """
+
+    peft_type: ClassVar[str] = ""
+    reference_fields: ClassVar[dict[str, Any]] = {"auto_mapping": None}
+    # Written by Hugging Face peft for bookkeeping; read and ignored whatever their value.
+    informational_fields: ClassVar[frozenset[str]] = frozenset({"auto_mapping", "peft_version"})
+
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            check_choice(type(self).__name__, "task_type", str(_plain(self.task_type)), [t.value for t in TaskType])
+            self.task_type = TaskType(_plain(self.task_type))
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    # ---- serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to `adapter_config.json` (keys sorted, as Hugging Face peft writes them)."""
+        data = {k: _plain(v) for k, v in self.reference_fields.items()}
+        for f in dataclasses.fields(self):
+            data[f.name] = _plain(getattr(self, f.name))
+        data["peft_type"] = self.peft_type
+        return dict(sorted(data.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """Build a config from a JSON object, refusing features peftkit lacks and warning on unknown keys."""
+        data = dict(data)
+        stored_type = data.pop("peft_type", cls.peft_type)
+        if stored_type != cls.peft_type:
+            raise ValueError(f"{cls.__name__} cannot read a config whose peft_type is {stored_type!r}.")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in cls.informational_fields:
+                continue
+            elif key in cls.reference_fields:
+                if value != _plain(cls.reference_fields[key]) and value not in (None, {}, [], False):
+                    raise ValueError(
+                        f"This {stored_type} adapter sets {key}={value!r}, a Hugging Face peft feature that "
+                        f"peftkit does not implement; loading it here would give different outputs. "
+                        f"Load it with Hugging Face peft, or retrain without {key}."
+                    )
+            else:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"adapter_config.json has keys this version of peftkit does not know: {sorted(unknown)}. "
+                "They are ignored; the file was probably written by a newer version.",
+                stacklevel=2,
+            )
+        return cls(**kwargs)
+
+    def save(self, directory: str) -> None:
+        """Write `adapter_config.json` into `directory` atomically (temp file, then rename)."""
+        data = self.to_dict()
+        data["inference_mode"] = True
+        atomic_write(os.path.join(directory, CONFIG_NAME), (json.dumps(data, indent=2) + "\n").encode())
+
+
+def atomic_write(path: str, payload: bytes) -> None:
+    """Write bytes to `path` so that readers see the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly form of a config value: enums to their value, sets and tuples to lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return value

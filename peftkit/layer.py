@@ -1,0 +1,240 @@
+"""The wrappers the core puts into a model, and the protocol a method's modules follow.
+
+* `TunedLayer` wraps one target layer as `base_layer` and holds, per adapter name, the `LayerAdapter`
+  a method made for it. Its forward is `out = base_layer(x)`, then each active adapter in turn:
+  `out = adapter(x, out, base_layer)`.
+* `ModulesToSave` wraps a module that is trained in full (a classification head) with one copy per adapter.
+* `ModelAdapter` is the protocol for model-level adapters that change the inputs (virtual tokens).
+
+Mixed batches (one adapter per row) are routed here, in one place, for every wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+BASE_ROW = "__base__"
+
+
+class NotMergeableError(TypeError):
+    """Raised when an adapter's change cannot be folded into the base weights."""
+
+
+class LayerAdapter(nn.Module):
+    """One adapter's change to one layer. Subclasses write the method's equation in `forward`."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, base_layer: nn.Module) -> None:
+        """Fold this adapter into `base_layer`'s weights so that `base_layer(x)` alone gives `forward`."""
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        """Undo `merge`."""
+        raise NotMergeableError(f"{type(self).__name__} cannot be unmerged.")
+
+
+class ModelAdapter(nn.Module):
+    """A model-level adapter that rewrites the model's inputs (e.g. prepends virtual tokens).
+
+    `prepare_inputs` gets the forward's keyword arguments and returns new ones; for generation the core
+    prepends the original `input_ids` to the output when the adapter replaced them by `inputs_embeds`.
+    """
+
+    def prepare_inputs(self, inputs: dict[str, Any], model: nn.Module, task_type: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+# ---- mixed batches ---------------------------------------------------------------------------------
+
+
+class RowRouting:
+    """Which adapter each row of a batch uses; rows named `__base__` get the base model alone."""
+
+    def __init__(self, adapter_names: list[str]):
+        self.names = list(adapter_names)
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """(adapter name, row indices) pairs; a batch k times longer (beam search) repeats each name k times."""
+        key = (batch_size, device)
+        if key not in self._groups:
+            if batch_size % len(self.names):
+                raise ValueError(
+                    f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
+                    "give one adapter name per row."
+                )
+            repeat = batch_size // len(self.names)
+            rows: dict[str, list[int]] = {}
+            for i, name in enumerate(self.names):
+                rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+            self._groups[key] = [
+                (name, torch.tensor(idx, device=device)) for name, idx in rows.items() if name != BASE_ROW
+            ]
+        return self._groups[key]
+
+
+_ROUTING: ContextVar[RowRouting | None] = ContextVar("peftkit_row_routing", default=None)
+
+
+@contextlib.contextmanager
+def route_rows(adapter_names: list[str] | None):
+    """Within this context every wrapper sends each batch row through the adapter named for it."""
+    if adapter_names is None:
+        yield
+        return
+    token = _ROUTING.set(RowRouting(adapter_names))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name (as in `model.named_parameters()`) belongs to a wrapper, not the base model."""
+    return any(mark in name for mark in (".adapters.", ".modules_to_save.", ".original_module."))
+
+
+# ---- wrappers ----------------------------------------------------------------------------------------
+
+
+class AdapterHolder(nn.Module):
+    """What the two wrappers share: active adapters, the disabled switch, attribute pass-through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def wrapped(self) -> nn.Module:
+        raise NotImplementedError
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names()]
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that reads `layer.weight`, `layer.in_features`, ... keeps working on the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("_modules", "_parameters", "_buffers", "base_layer", "original_module"):
+                raise
+            return getattr(self.wrapped, name)
+
+
+class TunedLayer(AdapterHolder):
+    """A target layer plus the adapters of any number of methods: out = adapter_k(…adapter_1(x, base(x))…)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.merged_adapters: list[str] = []
+        self._live: list[LayerAdapter] = []
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self.base_layer
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def _refresh(self) -> None:
+        self._live = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
+
+    def set_active(self, names: list[str]) -> None:
+        super().set_active(names)
+        self._refresh()
+
+    def add(self, name: str, adapter: LayerAdapter) -> None:
+        self.adapters[name] = adapter
+        self._refresh()
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._refresh()
+
+    def merge(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.adapters and name not in self.merged_adapters:
+                self.adapters[name].merge(self.base_layer)
+                self.merged_adapters.append(name)
+        self._refresh()
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        for name in reversed(list(self.merged_adapters)):
+            if names is None or name in names:
+                self.adapters[name].unmerge(self.base_layer)
+                self.merged_adapters.remove(name)
+        self._refresh()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        routing = _ROUTING.get()
+        if routing is not None:
+            if self.merged_adapters:
+                raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+            for name, rows in routing.groups(x.shape[0], x.device):
+                if name in self.adapters:
+                    adapter = self.adapters[name]
+                    rows_out = adapter(x.index_select(0, rows), out.index_select(0, rows), self.base_layer)
+                    out = out.index_copy(0, rows, rows_out)
+            return out
+        for adapter in self._live:
+            out = adapter(x, out, self.base_layer)
+        return out
+
+
+class ModulesToSave(AdapterHolder):
+    """A module trained in full, with one trainable copy per adapter; the original stays untouched."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return self.active_module
+
+    @property
+    def active_module(self) -> nn.Module:
+        if self.disabled or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = _ROUTING.get()
+        if routing is None or self.disabled:
+            return self.active_module(x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs)
+        for name, rows in routing.groups(x.shape[0], x.device):
+            if name in self.modules_to_save:
+                out = out.index_copy(0, rows, self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs))
+        return out

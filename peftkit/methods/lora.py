@@ -1,0 +1,354 @@
+"""LoRA and its family: rsLoRA, DoRA, and the Gaussian, PiSSA and OLoRA initialisations.
+
+LoRA (Hu et al., 2021):     h = W x + s·B A x,   A ∈ R^{r×in}, B ∈ R^{out×r},  s = α/r  (rsLoRA: α/√r)
+DoRA (Liu et al., 2024):    h = m ⊙ (W x + s·B A x) / ‖W + s·B A‖,  the column norm treated as a constant
+PiSSA (Meng et al., 2024):  B A ← the top-r singular triplets of W,  W ← W − s·B A
+OLoRA (Büyükakyüz, 2024):   B A ← the first r columns/rows of W's QR decomposition,  W ← W − s·B A
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftConfig, check_choice, method_config
+from ..layer import LayerAdapter, is_adapter_parameter
+from ..registry import Method, register_method
+from ..targeting import is_linear, pattern_value
+
+# Hugging Face peft's defaults for configs without target_modules, by transformers `model_type`.
+DEFAULT_TARGETS = {
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], ["query", "value"]),
+    **dict.fromkeys(["gpt2"], ["c_attn"]),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon"], ["query_key_value"]),
+    **dict.fromkeys(["deberta-v2"], ["query_proj", "value_proj"]),
+    **dict.fromkeys(["distilbert"], ["q_lin", "v_lin"]),
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "opt", "bart", "gptj", "gpt_neo"],
+        ["q_proj", "v_proj"],
+    ),
+}
+
+INITS = [True, False, "gaussian", "pissa", "olora"]
+
+
+@method_config
+class LoraConfig(PeftConfig):
+    """Low-rank adaptation. Field names and defaults are Hugging Face peft's."""
+
+    peft_type: ClassVar[str] = "LORA"
+    reference_fields: ClassVar[dict[str, Any]] = {
+        **PeftConfig.reference_fields,
+        **dict.fromkeys(
+            ["alora_invocation_tokens", "arrow_config", "corda_config", "eva_config", "kasa_config",
+             "layer_replication", "lora_ga_config", "megatron_config", "monteclora_config", "target_parameters",
+             "trainable_token_indices", "use_bdlora", "velora_config"],
+        ),
+        "ensure_weight_tying": False,
+        "loftq_config": {},
+        "lora_bias": False,
+        "use_qalora": False,
+        "megatron_core": "megatron.core",
+        "qalora_group_size": 16,
+    }
+    informational_fields: ClassVar[frozenset[str]] = PeftConfig.informational_fields | {"megatron_core", "qalora_group_size"}
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = None  # type: ignore[assignment]
+    alpha_pattern: dict[str, float] = None  # type: ignore[assignment]
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        for where, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise ValueError(f"LoraConfig: {where} must be a positive integer (the adapter's rank), got {rank!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        check_choice("LoraConfig", "bias", self.bias, ["none", "all", "lora_only"])
+        init = self.init_lora_weights
+        if not (init in INITS or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
+            raise ValueError(
+                f"LoraConfig: init_lora_weights={init!r} is not available in peftkit; use one of {INITS} "
+                "or 'pissa_niter_<n>'."
+            )
+
+
+def lora_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]:
+    """(rank, scale) for one module, after rank_pattern / alpha_pattern."""
+    r = pattern_value(config.rank_pattern, module_name, config.r)
+    alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    return r, alpha / (math.sqrt(r) if config.use_rslora else r)
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _weight_oi(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight as (out, in): transformers' Conv1D stores it as (in, out)."""
+    return base_layer.weight.T if type(base_layer).__name__ == "Conv1D" else base_layer.weight
+
+
+def _set_weight_oi(base_layer: nn.Module, weight_oi: torch.Tensor) -> None:
+    """Write an (out, in) weight back in the base layer's own layout and dtype."""
+    _weight_oi(base_layer).data.copy_(weight_oi)
+
+
+class LoraLinear(LayerAdapter):
+    """h = W x + s·B A dropout(x), for nn.Linear and Conv1D."""
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        out_features, in_features = _weight_oi(base_layer).shape
+        self.lora_dropout = _dropout(dropout)
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.scaling = scaling
+        self.transposed = type(base_layer).__name__ == "Conv1D"
+
+    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
+        """Set A and B for `init_lora_weights`; PiSSA and OLoRA also move B A out of the base weight."""
+        if init is False:
+            return  # both keep nn.Linear's random init: the adapter starts non-zero
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+        if init in (True, "gaussian"):
+            nn.init.zeros_(self.lora_B.weight)
+            return
+        r = self.lora_A.out_features
+        weight = _weight_oi(base_layer).detach().float()
+        if init == "olora":
+            q, rr = torch.linalg.qr(weight)
+            a, b = rr[:r], q[:, :r]
+        else:
+            if init == "pissa":
+                u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+                u, s, vh = u[:, :r], s[:r], vh[:r]
+            else:
+                u, s, v = torch.svd_lowrank(weight, r, niter=int(init.rsplit("_", 1)[1]))
+                vh = v.T
+            s = s / self.scaling
+            a, b = torch.diag(s.sqrt()) @ vh, u @ torch.diag(s.sqrt())
+        self.lora_A.weight.data.copy_(a)
+        self.lora_B.weight.data.copy_(b)
+        _set_weight_oi(base_layer, weight - self.scaling * b @ a)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return base_out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(base_out.dtype)
+
+    def delta_weight_oi(self) -> torch.Tensor:
+        """s·B A as (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B A in the base weight's layout."""
+        return self.delta_weight_oi().T if self.transposed else self.delta_weight_oi()
+
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+class DoraLinear(LoraLinear):
+    """h = (m/‖W + s·BA‖)·(W x + s·B A x) + b, with the row norm ‖·‖ detached from the gradient."""
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
+        super().__init__(base_layer, r, scaling, dropout)
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.lora_B.out_features))
+        self.register_buffer("merged_norm", None, persistent=False)
+
+    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
+        super().initialise(init, base_layer)
+        self.lora_magnitude_vector.data.copy_(self.weight_norm(base_layer))
+
+    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """‖W + s·B A‖ per output row."""
+        weight = _weight_oi(base_layer).detach()
+        return torch.linalg.norm(weight + self.delta_weight_oi().detach().to(weight.dtype), dim=1)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        scale = self.lora_magnitude_vector / self.weight_norm(base_layer)
+        if isinstance(self.lora_dropout, nn.Identity):
+            plain = base_out if base_layer.bias is None else base_out - base_layer.bias
+        else:
+            plain = F.linear(x, _weight_oi(base_layer))
+        update = (scale - 1) * plain + scale * self.lora_B(self.lora_A(x)) * self.scaling
+        return base_out + update.to(base_out.dtype)
+
+    def merge(self, base_layer: nn.Module) -> None:
+        self.merged_norm = self.weight_norm(base_layer)
+        scale = (self.lora_magnitude_vector / self.merged_norm).detach().unsqueeze(1)
+        _set_weight_oi(base_layer, (_weight_oi(base_layer) + self.delta_weight_oi()) * scale)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        scale = (self.lora_magnitude_vector / self.merged_norm).detach().unsqueeze(1)
+        _set_weight_oi(base_layer, _weight_oi(base_layer) / scale - self.delta_weight_oi())
+        self.merged_norm = None
+
+
+class LoraEmbedding(LayerAdapter):
+    """h = E[x] + s·Aᵀ[x] Bᵀ, with A ∈ R^{r×vocab} and B ∈ R^{dim×r} (B A is a low-rank table update)."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.lora_embedding_A = nn.Parameter(torch.randn(r, base_layer.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base_layer.embedding_dim, r))
+        self.scaling = scaling
+
+    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
+        if init is False:
+            return
+        if init not in (True, "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r} works on linear layers only, not on {type(base_layer).__name__}.")
+        nn.init.zeros_(self.lora_embedding_A)
+        nn.init.normal_(self.lora_embedding_B)
+
+    def lookup(self, x: torch.Tensor, base_layer: nn.Embedding) -> torch.Tensor:
+        """Aᵀ[x]: the rank-r code of each token, looked up with the base layer's options."""
+        return F.embedding(
+            x, self.lora_embedding_A.T, base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
+            base_layer.scale_grad_by_freq, base_layer.sparse,
+        )
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return base_out + (self.lookup(x, base_layer) @ self.lora_embedding_B.T * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+class DoraEmbedding(LoraEmbedding):
+    """h = (m/‖E + s·(BA)ᵀ‖)·(E[x] + s·Aᵀ[x] Bᵀ), the norm taken over the vocabulary for each dimension."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float) -> None:
+        super().__init__(base_layer, r, scaling, dropout)
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(base_layer.embedding_dim))
+        self.register_buffer("merged_norm", None, persistent=False)
+
+    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
+        super().initialise(init, base_layer)
+        self.lora_magnitude_vector.data.copy_(self.weight_norm(base_layer))
+
+    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        weight = base_layer.weight.detach()
+        return torch.linalg.norm(weight + self.delta_weight().detach().to(weight.dtype), dim=0)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        scale = self.lora_magnitude_vector / self.weight_norm(base_layer)
+        return (scale * (base_out + self.lookup(x, base_layer) @ self.lora_embedding_B.T * self.scaling)).to(
+            base_out.dtype
+        )
+
+    def merge(self, base_layer: nn.Module) -> None:
+        self.merged_norm = self.weight_norm(base_layer)
+        scale = (self.lora_magnitude_vector / self.merged_norm).detach()
+        base_layer.weight.data = (base_layer.weight.data + self.delta_weight().to(base_layer.weight.dtype)) * scale
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        scale = (self.lora_magnitude_vector / self.merged_norm).detach()
+        base_layer.weight.data = base_layer.weight.data / scale - self.delta_weight().to(base_layer.weight.dtype)
+        self.merged_norm = None
+
+
+class LoraConv2d(LayerAdapter):
+    """h = conv(x, W) + s·conv₁ₓ₁(conv(x, A), B): A has the base kernel and r output channels."""
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        if base_layer.groups != 1:
+            raise ValueError("LoRA on grouped Conv2d layers is not supported; target other layers.")
+        self.lora_dropout = _dropout(dropout)
+        self.lora_A = nn.Conv2d(
+            base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
+            base_layer.dilation, bias=False,
+        )
+        self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False)
+        self.scaling = scaling
+
+    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
+        if init is False:
+            return
+        if init not in (True, "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r} works on linear layers only, not on Conv2d.")
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_channels)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return base_out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B∘A as one kernel: B is 1×1, so it mixes A's output channels."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return torch.einsum("or,rihw->oihw", b[:, :, 0, 0], a) * self.scaling
+
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+@register_method
+class Lora(Method):
+    config_class = LoraConfig
+    adapts_layers = True
+
+    def supports(self, module: nn.Module) -> bool:
+        return is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        return DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None))
+
+    def layer_adapter(self, base_layer: nn.Module, module_name: str, config: LoraConfig) -> LayerAdapter:
+        r, scaling = lora_scaling(config, module_name)
+        if is_linear(base_layer):
+            kind = DoraLinear if config.use_dora else LoraLinear
+        elif isinstance(base_layer, nn.Embedding):
+            kind = DoraEmbedding if config.use_dora else LoraEmbedding
+        elif config.use_dora:
+            raise ValueError(f"use_dora=True supports linear and embedding layers; {module_name!r} is a Conv2d.")
+        else:
+            kind = LoraConv2d
+        adapter = kind(base_layer, r, scaling, config.lora_dropout)
+        adapter.initialise(config.init_lora_weights, base_layer)
+        return adapter
+
+    def base_parameters(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
+        if config.bias == "lora_only":
+            return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t), "bias", None) is not None]
+        if config.bias == "all":
+            return [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not is_adapter_parameter(n)]
+        return []

@@ -1,0 +1,147 @@
+"""Prompt tuning (Lester et al., 2021): n trainable virtual-token embeddings P prepended to the input.
+
+h = model([P; E[x]]) — the attention mask grows by n ones and causal-LM labels by n ignored positions.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, TaskType, check_choice, method_config
+from ..layer import ModelAdapter
+from ..registry import Method, register_method
+
+IGNORE_INDEX = -100
+SUPPORTED_TASKS = [TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION, None]
+
+
+class PromptTuningInit(str, enum.Enum):
+    """RANDOM: N(0, 1); TEXT: the embeddings of `prompt_tuning_init_text`; SAMPLE_VOCAB: random vocabulary rows."""
+
+    RANDOM = "RANDOM"
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+
+
+@method_config
+class PromptTuningConfig(PeftConfig):
+    """Soft prompt of `num_virtual_tokens` embeddings. Field names and defaults are Hugging Face peft's."""
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    num_virtual_tokens: int = None  # type: ignore[assignment]
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ValueError(
+                f"PromptTuningConfig: num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}."
+            )
+        check_choice("PromptTuningConfig", "prompt_tuning_init", str(getattr(self.prompt_tuning_init, "value",
+                     self.prompt_tuning_init)), [i.value for i in PromptTuningInit])
+        self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
+        if self.prompt_tuning_init == PromptTuningInit.TEXT and not (
+            self.prompt_tuning_init_text and self.tokenizer_name_or_path
+        ):
+            raise ValueError(
+                "PromptTuningConfig: prompt_tuning_init=TEXT needs prompt_tuning_init_text and "
+                "tokenizer_name_or_path (a local tokenizer folder)."
+            )
+
+
+class PromptEmbedding(ModelAdapter):
+    """The virtual tokens P ∈ R^{n×d}, prepended to every sequence: inputs_embeds ← [P; E[x]]."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int) -> None:
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, token_dim))
+
+    def prepare_inputs(self, inputs: dict[str, Any], model: nn.Module, task_type: Any) -> dict[str, Any]:
+        inputs = dict(inputs)
+        input_ids = inputs.pop("input_ids", None)
+        embeds = inputs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = model.get_input_embeddings()(input_ids)
+        batch, n = embeds.shape[0], self.prompt_embeddings.shape[0]
+        prompts = self.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        inputs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+        if inputs.get("attention_mask") is not None:
+            mask = inputs["attention_mask"]
+            inputs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        if inputs.get("token_type_ids") is not None:
+            types = inputs["token_type_ids"]
+            inputs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
+        if inputs.pop("position_ids", None) is not None:
+            warnings.warn("position_ids are ignored with virtual tokens; positions are recomputed.", stacklevel=3)
+        if task_type == TaskType.CAUSAL_LM and inputs.get("labels") is not None:
+            labels = inputs["labels"]
+            inputs["labels"] = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], dim=1)
+        return inputs
+
+
+def _model_dims(model: nn.Module) -> dict[str, int | None]:
+    """token_dim, num_layers and num_attention_heads read off a transformers config."""
+    cfg = getattr(model, "config", None)
+
+    def first(*names: str) -> int | None:
+        return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
+
+    return {
+        "token_dim": model.get_input_embeddings().embedding_dim,
+        "num_layers": first("num_hidden_layers", "num_layers", "n_layer"),
+        "num_attention_heads": first("num_attention_heads", "n_head", "num_heads"),
+    }
+
+
+@register_method
+class PromptTuning(Method):
+    config_class = PromptTuningConfig
+
+    def model_adapter(self, model: nn.Module, config: PromptTuningConfig) -> ModelAdapter:
+        if config.task_type not in SUPPORTED_TASKS:
+            raise ValueError(
+                f"Prompt tuning in peftkit supports task_type {[t.value for t in SUPPORTED_TASKS if t]}; "
+                f"got {config.task_type.value}."
+            )
+        for key, value in _model_dims(model).items():
+            if getattr(config, key) is None:
+                setattr(config, key, value)
+        if config.num_transformer_submodules is None:
+            config.num_transformer_submodules = 1
+        adapter = PromptEmbedding(config.num_virtual_tokens, config.token_dim)
+        embeddings = model.get_input_embeddings()
+        adapter.to(embeddings.weight.device)
+        if config.inference_mode:
+            return adapter  # the weights come from a file; no tokenizer needed
+        with torch.no_grad():
+            if config.prompt_tuning_init == PromptTuningInit.TEXT:
+                token_ids = _init_token_ids(config)
+                adapter.prompt_embeddings.copy_(embeddings(token_ids.to(embeddings.weight.device)).float())
+            elif config.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB:
+                rows = torch.randint(0, embeddings.num_embeddings, (config.num_virtual_tokens,))
+                adapter.prompt_embeddings.copy_(embeddings.weight[rows.to(embeddings.weight.device)])
+        return adapter
+
+
+def _init_token_ids(config: PromptTuningConfig) -> torch.Tensor:
+    """The init text's token ids, repeated or cut to num_virtual_tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+    ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+    ids = (ids * math.ceil(config.num_virtual_tokens / len(ids)))[: config.num_virtual_tokens]
+    return torch.tensor(ids)

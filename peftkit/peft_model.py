@@ -1,0 +1,430 @@
+"""`PeftModel`: the wrapper users hold, and the adapter lifecycle.
+
+The wrapper knows no method by name: it asks the registered `Method` of each config what to add
+(layer adapters on targets, a model-level adapter, base parameters to train) and manages the rest
+(activation, trainability, disabling, merging, unloading, saving, loading) the same way for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import PeftConfig, TaskType
+from .layer import BASE_ROW, AdapterHolder, ModelAdapter, ModulesToSave, NotMergeableError, TunedLayer, route_rows
+from .registry import method_for
+from .serialization import adapter_tensors, load_adapter_weights, load_config, read_weights, save_adapter
+from .targeting import find_targets, in_modules_to_save
+
+
+class BaseModelHolder(nn.Module):
+    """Holds the user's model as `.model`, so weights are named `base_model.model.*` as in Hugging Face peft."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("_modules", "model"):
+                raise
+            return getattr(self.model, name)
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+class PeftModel(nn.Module):
+    """A transformers (or any torch) model with named adapters added to it.
+
+    `task_heads` lists modules a task trains in full (the classification head); subclasses set it.
+    """
+
+    task_heads: ClassVar[list[str]] = []
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = BaseModelHolder(model)
+        self.model_adapters = nn.ModuleDict()
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.base_parameter_names: dict[str, list[str]] = {}
+        self._active: list[str] = []
+        self._disabled = False
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("_modules", "base_model"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    # ---- what is in the model ----------------------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with the adapter layers in it)."""
+        return self.base_model.model
+
+    def _holders(self) -> list[AdapterHolder]:
+        return [m for m in self.get_base_model().modules() if isinstance(m, AdapterHolder)]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0]
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Add a new, inactive adapter; `set_adapter` activates it."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; delete_adapter it or pick another name.")
+        if adapter_name == BASE_ROW or "." in adapter_name:
+            raise ValueError(f"{adapter_name!r} cannot name an adapter (reserved or contains '.').")
+        model = self.get_base_model()
+        config = self._complete_config(peft_config, model)
+        method = method_for(config)
+        targets = (
+            find_targets(model, config, method.supports, method.default_targets(model)) if method.adapts_layers else []
+        )
+        layer_adapters = {}
+        for name in targets:
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, TunedLayer) else module
+            layer_adapters[name] = method.layer_adapter(base, name, config).to(_device_of(base))
+        model_adapter = method.model_adapter(model, config)
+
+        for name, adapter in layer_adapters.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, TunedLayer):
+                module = TunedLayer(module)
+                _replace_module(model, name, module)
+            module.add(adapter_name, adapter)
+        if model_adapter is not None:
+            self.model_adapters[adapter_name] = model_adapter
+        self._wrap_modules_to_save(adapter_name, config.modules_to_save)
+        self.base_parameter_names[adapter_name] = [
+            f"base_model.model.{n}" for n in method.base_parameters(model, config, targets)
+        ]
+        self.peft_config[adapter_name] = config
+        self._update_trainable()
+
+    def _complete_config(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
+        """A copy of `config` with the task's trained heads and the base model's name filled in."""
+        changes: dict[str, Any] = {}
+        if self.task_heads:
+            changes["modules_to_save"] = list(config.modules_to_save or []) + [
+                h for h in self.task_heads if h not in (config.modules_to_save or [])
+            ]
+        if config.base_model_name_or_path is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", None)
+            changes["base_model_name_or_path"] = name or None
+        return dataclasses.replace(config, **changes) if changes else config
+
+    def _wrap_modules_to_save(self, adapter_name: str, names: list[str] | None) -> None:
+        if not names:
+            return
+        model = self.get_base_model()
+        found = [
+            n for n, m in model.named_modules()
+            if n and not isinstance(m, TunedLayer) and in_modules_to_save(n, names) and n.rsplit(".", 1)[-1] in names
+        ]
+        for name in found:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _replace_module(model, name, module)
+            module.add(adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters the active ones (applied in the order given) and trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_names(names)
+        self._active = names
+        for holder in self._holders():
+            holder.set_active(names)
+        self._update_trainable()
+
+    def _check_names(self, names: list[str], allow_base: bool = False) -> None:
+        unknown = [n for n in names if n not in self.peft_config and not (allow_base and n == BASE_ROW)]
+        if unknown:
+            raise ValueError(f"No adapter named {unknown}; this model has {list(self.peft_config)}.")
+
+    def _update_trainable(self) -> None:
+        """Active adapters not loaded for inference train; every other tensor is frozen."""
+        for name, config in self.peft_config.items():
+            train = name in self._active and not config.inference_mode
+            for _, tensor in adapter_tensors(self, name).values():
+                if tensor.is_floating_point():
+                    tensor.requires_grad_(train)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this context the model computes as the base model (merged adapters are unmerged first)."""
+        holders = self._holders()
+        for holder in holders:
+            if isinstance(holder, TunedLayer):
+                holder.unmerge()
+            holder.disabled = True
+        self._disabled = True
+        try:
+            yield
+        finally:
+            for holder in holders:
+                holder.disabled = False
+            self._disabled = False
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; layers left with no adapter get their original module back."""
+        self._check_names([adapter_name])
+        model = self.get_base_model()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, AdapterHolder) and adapter_name in module.adapter_names():
+                module.delete(adapter_name)
+                if not module.adapter_names():
+                    original = module.base_layer if isinstance(module, TunedLayer) else module.original_module
+                    _replace_module(model, name, original)
+        self.model_adapters.pop(adapter_name, None)
+        del self.peft_config[adapter_name]
+        self.base_parameter_names.pop(adapter_name, None)
+        remaining = [n for n in self._active if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self._active = remaining
+        for holder in self._holders():
+            holder.set_active(remaining)
+        self._update_trainable()
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        inputs_only = [n for n in names if n in self.model_adapters]
+        if inputs_only:
+            raise NotMergeableError(
+                f"Adapter(s) {inputs_only} change the model's inputs rather than its weights, so there is "
+                "nothing to merge; keep them as adapters."
+            )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; `unmerge_adapter` undoes it."""
+        names = list(adapter_names or self._active)
+        self._check_names(names)
+        self._check_mergeable(names)
+        layers = [h for h in self._holders() if isinstance(h, TunedLayer)]
+        for layer in layers:
+            layer.merge(names)
+        if safe_merge and not all(torch.isfinite(p).all() for layer in layers for p in layer.base_layer.parameters()):
+            for layer in layers:
+                layer.unmerge(names)
+            raise ValueError(f"Merging {names} produced non-finite weights; the adapters were left unmerged.")
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        for holder in self._holders():
+            if isinstance(holder, TunedLayer):
+                holder.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the base weights and return the plain model, without any wrapper."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Return the plain model with every wrapper removed; unmerged adapters are dropped."""
+        model = self.get_base_model()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, TunedLayer):
+                _replace_module(model, name, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                _replace_module(model, name, module.active_module)
+        return model
+
+    # ---- counting -----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def _active_model_adapters(self) -> list[tuple[ModelAdapter, PeftConfig]]:
+        if self._disabled:
+            return []
+        return [(self.model_adapters[n], self.peft_config[n]) for n in self._active if n in self.model_adapters]
+
+    def _prepare_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        adapters = self._active_model_adapters()
+        if not adapters:
+            return args, kwargs
+        if len(args) > 1:
+            raise TypeError("Pass inputs by keyword (input_ids=..., attention_mask=...) to a model with virtual tokens.")
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+        for adapter, config in adapters:
+            kwargs = adapter.prepare_inputs(kwargs, self.get_base_model(), config.task_type)
+        return (), kwargs
+
+    def _routing(self, adapter_names: list[str] | None):
+        if adapter_names is not None:
+            self._check_names(list(adapter_names), allow_base=True)
+            inputs_only = [n for n in adapter_names if n in self.model_adapters]
+            if inputs_only:
+                raise ValueError(
+                    f"adapter_names mixes adapters row by row through their layers; {inputs_only} change the "
+                    "inputs instead. Run those adapters on their own batches."
+                )
+        return route_rows(adapter_names)
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per row."""
+        args, kwargs = self._prepare_inputs(args, kwargs)
+        with self._routing(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's `generate`, with the active adapters (or one per row)."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        args, kwargs = self._prepare_inputs(args, kwargs)
+        with self._routing(adapter_names):
+            output = self.get_base_model().generate(*args, **kwargs)
+        replaced_ids = input_ids is not None and "input_ids" not in kwargs and not args
+        if replaced_ids and not getattr(self.get_base_model().config, "is_encoder_decoder", False):
+            # Generating from embeddings returns only the new tokens; give back prompt + new tokens.
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            sequences = torch.cat([input_ids.to(sequences.device), sequences], dim=1)
+            if isinstance(output, torch.Tensor):
+                return sequences
+            output.sequences = sequences
+        return output
+
+    # ---- files --------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self, save_directory: str, selected_adapters: list[str] | None = None, safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as adapter_config.json + adapter_model.safetensors ("default" at the top level,
+        others in a sub-folder named after them), the layout Hugging Face peft uses."""
+        if not safe_serialization:
+            raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
+        names = list(selected_adapters or self.peft_config)
+        self._check_names(names)
+        for name in names:
+            save_adapter(self, name, save_directory if name == "default" else os.path.join(save_directory, name))
+
+    def load_adapter(
+        self, model_id: str, adapter_name: str, is_trainable: bool = False, allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Add an adapter saved by `save_pretrained` (peftkit or Hugging Face peft) under `adapter_name`."""
+        config = load_config(model_id)
+        config.inference_mode = not is_trainable
+        weights = read_weights(model_id, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            load_adapter_weights(self, adapter_name, weights)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+        config: PeftConfig | None = None, allow_pickle: bool = False, **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap `model` with the adapter saved in the folder `model_id` (never downloads)."""
+        config = config or load_config(model_id)
+        config.inference_mode = not is_trainable
+        weights = read_weights(model_id, allow_pickle=allow_pickle)
+        model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        peft_model = model_class(model, config, adapter_name)
+        load_adapter_weights(peft_model, adapter_name, weights)
+        return peft_model
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Decoder-only language models (`generate` included)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder language models (T5, BART)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification: the classification head is trained in full and saved with the adapter."""
+
+    task_heads = ["classifier", "score"]
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification: the classification head is trained in full and saved with the adapter."""
+
+    task_heads = ["classifier", "score"]
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive question answering: the span head is trained in full and saved with the adapter."""
+
+    task_heads = ["qa_outputs"]
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for embeddings."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap `model` with a new adapter; the `PeftModel` subclass follows `peft_config.task_type`."""
+    model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    return model_class(model, peft_config, adapter_name)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Put an adapter's layers into `model` in place, for libraries that manage the model themselves.
+
+    The adapter is active and trainable; model-level adapters (virtual tokens) need a `PeftModel`."""
+    peft_model = PeftModel(model, peft_config, adapter_name)
+    if peft_model.model_adapters:
+        raise ValueError(f"{peft_config.peft_type} changes the model's inputs; use get_peft_model instead.")
+    return model

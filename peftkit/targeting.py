@@ -1,0 +1,157 @@
+"""Which modules a config selects. The one place that turns `target_modules` and friends into names.
+
+Rules (the same as Hugging Face peft's):
+  * a list of names matches a module whose full name equals an entry or ends with "." + entry;
+  * a string is a regular expression matched against the whole module name;
+  * "all-linear" selects every linear layer (nn.Linear, transformers' Conv1D) but the output head;
+  * `exclude_modules` uses the same list/regex rules; modules in `modules_to_save` are never targets;
+  * `layers_to_transform` keeps modules whose first numbered path segment (after `layers_pattern`,
+    if given) is one of the listed layer indices.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or transformers' Conv1D (GPT-2's linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def name_matches(spec: str | Iterable[str], name: str) -> bool:
+    """A module name against a list of suffixes or a full-match regex."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def in_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
+    """Whether `name` is, or lies inside, a module listed in modules_to_save."""
+    return bool(modules_to_save) and any(
+        re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save
+    )
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """Index of the transformer block a module belongs to, read from its name."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(match.group(1)) if match else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
+    """Per-module override from `rank_pattern` / `alpha_pattern`: keys are regexes matched at a name's end."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(name, module) pairs of the user's model, skipping the insides of peftkit's own wrappers."""
+    from .layer import ModulesToSave, TunedLayer
+
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, TunedLayer):
+            skip.append(name + ".")
+            yield name, module.base_layer
+            continue
+        if isinstance(module, ModulesToSave):
+            skip.append(name + ".")
+        yield name, module
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output embedding (lm_head) that "all-linear" leaves alone."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def find_targets(
+    model: nn.Module,
+    config: Any,
+    supports: Callable[[nn.Module], bool],
+    default_targets: list[str] | str | None = None,
+) -> list[str]:
+    """Names of the modules `config` selects in `model`; an error that lists what exists if none."""
+    spec = getattr(config, "target_modules", None)
+    if spec is None:
+        spec = default_targets
+    if spec is None:
+        raise ValueError(
+            f"{type(config).__name__} needs target_modules for {type(model).__name__}: "
+            f"for example {suggest_targets(model)!r}, or 'all-linear'."
+        )
+    if isinstance(spec, (list, tuple, set)) and ALL_LINEAR in spec:
+        spec = ALL_LINEAR
+    exclude = getattr(config, "exclude_modules", None)
+    modules_to_save = getattr(config, "modules_to_save", None)
+    layers = getattr(config, "layers_to_transform", None)
+    if isinstance(layers, int):
+        layers = [layers]
+    heads = output_head_names(model)
+
+    matched, unsupported = [], []
+    for name, module in adaptable_modules(model):
+        if not name:
+            continue
+        if spec == ALL_LINEAR:
+            if not is_linear(module) or name in heads:
+                continue
+        elif not name_matches(spec, name):
+            continue
+        if exclude and name_matches(exclude, name):
+            continue
+        if in_modules_to_save(name, modules_to_save):
+            continue
+        if layers and layer_index(name, getattr(config, "layers_pattern", None)) not in layers:
+            continue
+        (matched if supports(module) else unsupported).append((name, module))
+
+    if unsupported and isinstance(spec, (list, tuple, set)):
+        name, module = unsupported[0]
+        raise ValueError(
+            f"target_modules={spec!r} matched {name!r} ({type(module).__name__}), which "
+            f"{type(config).__name__} cannot adapt. Target its layers instead, e.g. "
+            f"{suggest_targets(module)!r}."
+        )
+    if not matched:
+        raise ValueError(
+            f"target_modules={spec!r} matched nothing in {type(model).__name__}"
+            + (f" (with exclude_modules={exclude!r}, layers_to_transform={layers!r})" if exclude or layers else "")
+            + f". Layers here that {type(config).__name__} can adapt: {', '.join(leaf_names(model, supports))}."
+        )
+    return [name for name, _ in matched]
+
+
+def leaf_names(model: nn.Module, supports: Callable[[nn.Module], bool], limit: int = 30) -> list[str]:
+    """Distinct last name segments of the modules a method can adapt, in model order."""
+    seen: dict[str, None] = {}
+    for name, module in adaptable_modules(model):
+        if name and supports(module):
+            seen.setdefault(name.rsplit(".", 1)[-1], None)
+    names = list(seen)
+    return names[:limit] + (["..."] if len(names) > limit else []) if names else ["(none)"]
+
+
+def suggest_targets(model: nn.Module) -> list[str]:
+    """Distinct short names of the linear layers, the usual `target_modules` list."""
+    names = leaf_names(model, is_linear)
+    heads = {n.rsplit(".", 1)[-1] for n in output_head_names(model)}
+    return [n for n in names if n not in heads and n not in ("(none)", "...")]

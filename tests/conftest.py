@@ -1,0 +1,66 @@
+"""Tiny models built from transformers configs (no downloads), shared by every test."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
+
+VOCAB = 100
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(3, VOCAB, (3, 7), generator=generator)
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 7) -> None:
+    """Give every trainable tensor random values so an adapter visibly changes outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
