@@ -12,6 +12,7 @@ import enum
 import functools
 import json
 import os
+import tempfile
 import warnings
 from typing import Any, ClassVar
 
@@ -46,7 +47,8 @@ def _reject_unknown_options(cls: type) -> None:
         if unknown:
             hints = []
             for key in unknown:
-                close = difflib.get_close_matches(key, names, n=1)
+                alias = getattr(cls, "option_aliases", {}).get(key)
+                close = [alias] if alias in names else difflib.get_close_matches(key, names, n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise TypeError(
                 f"{cls.__name__} has no option {', '.join(hints)}. Its options are: {', '.join(names)}."
@@ -78,6 +80,8 @@ class PeftConfig:
     reference_fields: ClassVar[dict[str, Any]] = {"auto_mapping": None}
     # Written by Hugging Face peft for bookkeeping; read and ignored whatever their value.
     informational_fields: ClassVar[frozenset[str]] = frozenset({"auto_mapping", "peft_version"})
+    # Common names for an option that spelling similarity alone would not suggest ("rank" -> "r").
+    option_aliases: ClassVar[dict[str, str]] = {}
 
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
@@ -87,7 +91,8 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         if self.task_type is not None:
-            check_choice(type(self).__name__, "task_type", str(_plain(self.task_type)), [t.value for t in TaskType])
+            choices = [t.value for t in TaskType]
+            check_choice(type(self).__name__, "task_type", str(_plain(self.task_type)), choices)
             self.task_type = TaskType(_plain(self.task_type))
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
@@ -95,7 +100,7 @@ class PeftConfig:
     # ---- serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object written to `adapter_config.json` (keys sorted, as Hugging Face peft writes them)."""
+        """The JSON object written to `adapter_config.json`, keys sorted as Hugging Face peft writes them."""
         data = {k: _plain(v) for k, v in self.reference_fields.items()}
         for f in dataclasses.fields(self):
             data[f.name] = _plain(getattr(self, f.name))
@@ -133,18 +138,20 @@ class PeftConfig:
             )
         return cls(**kwargs)
 
-    def save(self, directory: str) -> None:
-        """Write `adapter_config.json` into `directory` atomically (temp file, then rename)."""
+    def to_json(self) -> bytes:
+        """The bytes of `adapter_config.json` (a saved adapter is marked for inference, as peft does)."""
         data = self.to_dict()
         data["inference_mode"] = True
-        atomic_write(os.path.join(directory, CONFIG_NAME), (json.dumps(data, indent=2) + "\n").encode())
+        return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def atomic_write(path: str, payload: bytes) -> None:
     """Write bytes to `path` so that readers see the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    handle, tmp = tempfile.mkstemp(
+        prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path)
+    )
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(handle, "wb") as fh:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())

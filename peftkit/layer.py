@@ -63,7 +63,7 @@ class RowRouting:
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
 
     def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """(adapter name, row indices) pairs; a batch k times longer (beam search) repeats each name k times."""
+        """(adapter name, row indices); a batch k times longer (beam search) repeats each name k times."""
         key = (batch_size, device)
         if key not in self._groups:
             if batch_size % len(self.names):
@@ -98,7 +98,7 @@ def route_rows(adapter_names: list[str] | None):
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """Whether a parameter name (as in `model.named_parameters()`) belongs to a wrapper, not the base model."""
+    """Whether a name from `model.named_parameters()` belongs to a wrapper, not to the base model."""
     return any(mark in name for mark in (".adapters.", ".modules_to_save.", ".original_module."))
 
 
@@ -189,7 +189,9 @@ class TunedLayer(AdapterHolder):
         routing = _ROUTING.get()
         if routing is not None:
             if self.merged_adapters:
-                raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+                raise ValueError(
+                    "Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first."
+                )
             for name, rows in routing.groups(x.shape[0], x.device):
                 if name in self.adapters:
                     adapter = self.adapters[name]
@@ -236,5 +238,6 @@ class ModulesToSave(AdapterHolder):
         out = self.original_module(x, *args, **kwargs)
         for name, rows in routing.groups(x.shape[0], x.device):
             if name in self.modules_to_save:
-                out = out.index_copy(0, rows, self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs))
+                rows_out = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
+                out = out.index_copy(0, rows, rows_out)
         return out

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -17,14 +20,23 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, TaskType
-from .layer import BASE_ROW, AdapterHolder, ModelAdapter, ModulesToSave, NotMergeableError, TunedLayer, route_rows
+from .layer import (
+    BASE_ROW,
+    AdapterHolder,
+    ModelAdapter,
+    ModulesToSave,
+    NotMergeableError,
+    TunedLayer,
+    route_rows,
+)
 from .registry import method_for
 from .serialization import adapter_tensors, load_adapter_weights, load_config, read_weights, save_adapter
 from .targeting import find_targets, in_modules_to_save
 
 
 class BaseModelHolder(nn.Module):
-    """Holds the user's model as `.model`, so weights are named `base_model.model.*` as in Hugging Face peft."""
+    """Holds the user's model as `.model`, so weights are named `base_model.model.*` as in Hugging Face
+    peft."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -67,6 +79,18 @@ class PeftModel(nn.Module):
             param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+        self._mirror_forward_signature()
+
+    def _mirror_forward_signature(self) -> None:
+        """Show the wrapped model's forward arguments (plus `adapter_names`) to tools that read them:
+        transformers' Trainer drops every dataset column the forward signature does not name."""
+        base = inspect.signature(self.get_base_model().forward)
+        params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        params.append(inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        params += [p for p in base.parameters.values() if p.kind is p.VAR_KEYWORD]
+        forward = functools.partial(type(self).forward, self)
+        forward.__signature__ = base.replace(parameters=params)
+        self.forward = forward
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -98,15 +122,20 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add a new, inactive adapter; `set_adapter` activates it."""
         if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} exists already; delete_adapter it or pick another name.")
+            raise ValueError(
+                f"An adapter named {adapter_name!r} exists already; delete_adapter it or pick another name."
+            )
         if adapter_name == BASE_ROW or "." in adapter_name:
             raise ValueError(f"{adapter_name!r} cannot name an adapter (reserved or contains '.').")
         model = self.get_base_model()
         config = self._complete_config(peft_config, model)
         method = method_for(config)
-        targets = (
-            find_targets(model, config, method.supports, method.default_targets(model)) if method.adapts_layers else []
-        )
+        targets = []
+        if method.adapts_layers:
+            defaults = (
+                method.default_targets(model) if getattr(config, "target_modules", None) is None else None
+            )
+            targets = find_targets(model, config, method.supports, defaults)
         layer_adapters = {}
         for name in targets:
             module = model.get_submodule(name)
@@ -139,15 +168,19 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", None)
             changes["base_model_name_or_path"] = name or None
-        return dataclasses.replace(config, **changes) if changes else config
+        return dataclasses.replace(config, **changes)
 
     def _wrap_modules_to_save(self, adapter_name: str, names: list[str] | None) -> None:
         if not names:
             return
         model = self.get_base_model()
         found = [
-            n for n, m in model.named_modules()
-            if n and not isinstance(m, TunedLayer) and in_modules_to_save(n, names) and n.rsplit(".", 1)[-1] in names
+            n
+            for n, m in model.named_modules()
+            if n
+            and not isinstance(m, TunedLayer)
+            and in_modules_to_save(n, names)
+            and n.rsplit(".", 1)[-1] in names
         ]
         for name in found:
             module = model.get_submodule(name)
@@ -172,15 +205,22 @@ class PeftModel(nn.Module):
 
     def _update_trainable(self) -> None:
         """Active adapters not loaded for inference train; every other tensor is frozen."""
+        train: dict[int, tuple[torch.Tensor, bool]] = {}
         for name, config in self.peft_config.items():
-            train = name in self._active and not config.inference_mode
+            trains = name in self._active and not config.inference_mode
             for _, tensor in adapter_tensors(self, name).values():
-                if tensor.is_floating_point():
-                    tensor.requires_grad_(train)
+                # a base tensor several adapters train in place (bias="all") trains if any of them does
+                train[id(tensor)] = (tensor, trains or train.get(id(tensor), (None, False))[1])
+        for tensor, trains in train.values():
+            if tensor.is_floating_point():
+                tensor.requires_grad_(trains)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside this context the model computes as the base model (merged adapters are unmerged first)."""
+        """Inside this context the model computes as the base model (merged adapters are unmerged first).
+
+        Adapters that changed base weights when created (PiSSA / OLoRA residuals, `bias="all"`) leave the
+        base as they changed it."""
         holders = self._holders()
         for holder in holders:
             if isinstance(holder, TunedLayer):
@@ -204,7 +244,8 @@ class PeftModel(nn.Module):
                 if not module.adapter_names():
                     original = module.base_layer if isinstance(module, TunedLayer) else module.original_module
                     _replace_module(model, name, original)
-        self.model_adapters.pop(adapter_name, None)
+        if adapter_name in self.model_adapters:  # ModuleDict.pop takes no default
+            del self.model_adapters[adapter_name]
         del self.peft_config[adapter_name]
         self.base_parameter_names.pop(adapter_name, None)
         remaining = [n for n in self._active if n != adapter_name]
@@ -228,13 +269,39 @@ class PeftModel(nn.Module):
         names = list(adapter_names or self._active)
         self._check_names(names)
         self._check_mergeable(names)
+        self._warn_if_tied(names)
         layers = [h for h in self._holders() if isinstance(h, TunedLayer)]
+        # unmerging inf/nan cannot give the old weights back (inf - inf = nan), so safe_merge keeps a copy
+        saved = []
+        if safe_merge:
+            saved = [(p, p.detach().clone()) for layer in layers for p in layer.base_layer.parameters()]
         for layer in layers:
             layer.merge(names)
-        if safe_merge and not all(torch.isfinite(p).all() for layer in layers for p in layer.base_layer.parameters()):
+        if safe_merge and not all(torch.isfinite(p).all() for p, _ in saved):
             for layer in layers:
                 layer.unmerge(names)
+            with torch.no_grad():
+                for param, before in saved:
+                    param.copy_(before)
             raise ValueError(f"Merging {names} produced non-finite weights; the adapters were left unmerged.")
+
+    def _warn_if_tied(self, names: list[str]) -> None:
+        """Merging into a weight that another module shares (tied embeddings) changes that module too."""
+        model = self.get_base_model()
+        owners: dict[int, list[str]] = {}
+        for param_name, param in model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(param_name)
+        for layer_name, layer in model.named_modules():
+            if isinstance(layer, TunedLayer) and any(n in layer.adapters for n in names):
+                for param in layer.base_layer.parameters():
+                    shared = [o for o in owners[id(param)] if not o.startswith(layer_name + ".")]
+                    if shared:
+                        warnings.warn(
+                            f"Merging {names} into {layer_name!r} also changes {shared}, which share "
+                            "its weights (tied embeddings), so the merged model differs from the adapted one "
+                            "there. Untie the weights before merging, or keep the adapter unmerged.",
+                            stacklevel=3,
+                        )
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights."""
@@ -268,21 +335,28 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- running ------------------------------------------------------------------------------
 
     def _active_model_adapters(self) -> list[tuple[ModelAdapter, PeftConfig]]:
         if self._disabled:
             return []
-        return [(self.model_adapters[n], self.peft_config[n]) for n in self._active if n in self.model_adapters]
+        return [
+            (self.model_adapters[n], self.peft_config[n]) for n in self._active if n in self.model_adapters
+        ]
 
     def _prepare_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         adapters = self._active_model_adapters()
         if not adapters:
             return args, kwargs
         if len(args) > 1:
-            raise TypeError("Pass inputs by keyword (input_ids=..., attention_mask=...) to a model with virtual tokens.")
+            raise TypeError(
+                "Pass inputs by keyword (input_ids=..., attention_mask=...) to a model with virtual tokens."
+            )
         if args:
             kwargs = {"input_ids": args[0], **kwargs}
         for adapter, config in adapters:
@@ -325,7 +399,10 @@ class PeftModel(nn.Module):
     # ---- files --------------------------------------------------------------------------------
 
     def save_pretrained(
-        self, save_directory: str, selected_adapters: list[str] | None = None, safe_serialization: bool = True,
+        self,
+        save_directory: str,
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors ("default" at the top level,
@@ -337,10 +414,15 @@ class PeftModel(nn.Module):
         names = list(selected_adapters or self.peft_config)
         self._check_names(names)
         for name in names:
-            save_adapter(self, name, save_directory if name == "default" else os.path.join(save_directory, name))
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            save_adapter(self, name, directory)
 
     def load_adapter(
-        self, model_id: str, adapter_name: str, is_trainable: bool = False, allow_pickle: bool = False,
+        self,
+        model_id: str,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> None:
         """Add an adapter saved by `save_pretrained` (peftkit or Hugging Face peft) under `adapter_name`."""
@@ -356,14 +438,21 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-        config: PeftConfig | None = None, allow_pickle: bool = False, **kwargs: Any,
+        cls,
+        model: nn.Module,
+        model_id: str,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        allow_pickle: bool = False,
+        **kwargs: Any,
     ) -> PeftModel:
         """Wrap `model` with the adapter saved in the folder `model_id` (never downloads)."""
-        config = config or load_config(model_id)
-        config.inference_mode = not is_trainable
+        config = dataclasses.replace(config or load_config(model_id), inference_mode=not is_trainable)
         weights = read_weights(model_id, allow_pickle=allow_pickle)
-        model_class = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        model_class = cls
+        if cls is PeftModel:
+            model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
         peft_model = model_class(model, config, adapter_name)
         load_adapter_weights(peft_model, adapter_name, weights)
         return peft_model
@@ -414,13 +503,17 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
     """Wrap `model` with a new adapter; the `PeftModel` subclass follows `peft_config.task_type`."""
     model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
     return model_class(model, peft_config, adapter_name)
 
 
-def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+def inject_adapter_in_model(
+    peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default"
+) -> nn.Module:
     """Put an adapter's layers into `model` in place, for libraries that manage the model themselves.
 
     The adapter is active and trainable; model-level adapters (virtual tokens) need a `PeftModel`."""

@@ -126,32 +126,46 @@ def find_targets(
 
     if unsupported and isinstance(spec, (list, tuple, set)):
         name, module = unsupported[0]
+        inside = leaf_names(module, supports)
+        hint = (
+            f"Target its layers instead: {inside!r}."
+            if inside
+            else describe_adaptable(model, config, supports)
+        )
         raise ValueError(
             f"target_modules={spec!r} matched {name!r} ({type(module).__name__}), which "
-            f"{type(config).__name__} cannot adapt. Target its layers instead, e.g. "
-            f"{suggest_targets(module)!r}."
+            f"{type(config).__name__} cannot adapt. {hint}"
         )
     if not matched:
+        filters = (
+            f" (with exclude_modules={exclude!r}, layers_to_transform={layers!r})"
+            if exclude or layers
+            else ""
+        )
         raise ValueError(
-            f"target_modules={spec!r} matched nothing in {type(model).__name__}"
-            + (f" (with exclude_modules={exclude!r}, layers_to_transform={layers!r})" if exclude or layers else "")
-            + f". Layers here that {type(config).__name__} can adapt: {', '.join(leaf_names(model, supports))}."
+            f"target_modules={spec!r} matched nothing in {type(model).__name__}{filters}. "
+            + describe_adaptable(model, config, supports)
         )
     return [name for name, _ in matched]
 
 
-def leaf_names(model: nn.Module, supports: Callable[[nn.Module], bool], limit: int = 30) -> list[str]:
+def leaf_names(model: nn.Module, supports: Callable[[nn.Module], bool]) -> list[str]:
     """Distinct last name segments of the modules a method can adapt, in model order."""
     seen: dict[str, None] = {}
     for name, module in adaptable_modules(model):
         if name and supports(module):
             seen.setdefault(name.rsplit(".", 1)[-1], None)
-    names = list(seen)
-    return names[:limit] + (["..."] if len(names) > limit else []) if names else ["(none)"]
+    return list(seen)
+
+
+def describe_adaptable(model: nn.Module, config: Any, supports: Callable[[nn.Module], bool]) -> str:
+    """One sentence listing the layer names a config's method could target in `model`."""
+    names = leaf_names(model, supports)
+    shown = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "") if names else "(none)"
+    return f"Layers here that {type(config).__name__} can adapt: {shown}."
 
 
 def suggest_targets(model: nn.Module) -> list[str]:
-    """Distinct short names of the linear layers, the usual `target_modules` list."""
-    names = leaf_names(model, is_linear)
+    """Distinct short names of the linear layers but the output head: the usual `target_modules` list."""
     heads = {n.rsplit(".", 1)[-1] for n in output_head_names(model)}
-    return [n for n in names if n not in heads and n not in ("(none)", "...")]
+    return [n for n in leaf_names(model, is_linear) if n not in heads]

@@ -23,8 +23,15 @@ VOCAB = 100
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -32,8 +39,17 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -41,8 +57,14 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.0,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(config).eval()

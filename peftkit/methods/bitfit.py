@@ -60,6 +60,11 @@ class BitFit(Method):
         return isinstance(getattr(module, "bias", None), nn.Parameter)
 
     def default_targets(self, model: nn.Module) -> str:
+        if not any(self.supports(m) for m in model.modules()):
+            raise ValueError(
+                f"BitFit trains bias terms, but no module of {type(model).__name__} has a bias "
+                "(its layers were built with bias=False). Use a method that adapts weights, such as LoRA."
+            )
         return ".*"
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: BitFitConfig) -> LayerAdapter:

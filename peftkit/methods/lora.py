@@ -30,7 +30,20 @@ DEFAULT_TARGETS = {
     **dict.fromkeys(["deberta-v2"], ["query_proj", "value_proj"]),
     **dict.fromkeys(["distilbert"], ["q_lin", "v_lin"]),
     **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "opt", "bart", "gptj", "gpt_neo"],
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "phi",
+            "opt",
+            "bart",
+            "gptj",
+            "gpt_neo",
+        ],
         ["q_proj", "v_proj"],
     ),
 }
@@ -46,9 +59,21 @@ class LoraConfig(PeftConfig):
     reference_fields: ClassVar[dict[str, Any]] = {
         **PeftConfig.reference_fields,
         **dict.fromkeys(
-            ["alora_invocation_tokens", "arrow_config", "corda_config", "eva_config", "kasa_config",
-             "layer_replication", "lora_ga_config", "megatron_config", "monteclora_config", "target_parameters",
-             "trainable_token_indices", "use_bdlora", "velora_config"],
+            [
+                "alora_invocation_tokens",
+                "arrow_config",
+                "corda_config",
+                "eva_config",
+                "kasa_config",
+                "layer_replication",
+                "lora_ga_config",
+                "megatron_config",
+                "monteclora_config",
+                "target_parameters",
+                "trainable_token_indices",
+                "use_bdlora",
+                "velora_config",
+            ],
         ),
         "ensure_weight_tying": False,
         "loftq_config": {},
@@ -57,7 +82,11 @@ class LoraConfig(PeftConfig):
         "megatron_core": "megatron.core",
         "qalora_group_size": 16,
     }
-    informational_fields: ClassVar[frozenset[str]] = PeftConfig.informational_fields | {"megatron_core", "qalora_group_size"}
+    informational_fields: ClassVar[frozenset[str]] = PeftConfig.informational_fields | {
+        "megatron_core",
+        "qalora_group_size",
+    }
+    option_aliases: ClassVar[dict[str, str]] = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -80,9 +109,12 @@ class LoraConfig(PeftConfig):
         self.alpha_pattern = dict(self.alpha_pattern or {})
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        for where, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+        ranks = [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]
+        for where, rank in ranks:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise ValueError(f"LoraConfig: {where} must be a positive integer (the adapter's rank), got {rank!r}.")
+                raise ValueError(
+                    f"LoraConfig: {where} must be a positive integer (the adapter's rank), got {rank!r}."
+                )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         check_choice("LoraConfig", "bias", self.bias, ["none", "all", "lora_only"])
@@ -224,19 +256,27 @@ class LoraEmbedding(LayerAdapter):
         if init is False:
             return
         if init not in (True, "gaussian"):
-            raise ValueError(f"init_lora_weights={init!r} works on linear layers only, not on {type(base_layer).__name__}.")
+            raise ValueError(
+                f"init_lora_weights={init!r} works on linear layers only, not on {type(base_layer).__name__}."
+            )
         nn.init.zeros_(self.lora_embedding_A)
         nn.init.normal_(self.lora_embedding_B)
 
     def lookup(self, x: torch.Tensor, base_layer: nn.Embedding) -> torch.Tensor:
         """Aᵀ[x]: the rank-r code of each token, looked up with the base layer's options."""
         return F.embedding(
-            x, self.lora_embedding_A.T, base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
-            base_layer.scale_grad_by_freq, base_layer.sparse,
+            x,
+            self.lora_embedding_A.T,
+            base_layer.padding_idx,
+            base_layer.max_norm,
+            base_layer.norm_type,
+            base_layer.scale_grad_by_freq,
+            base_layer.sparse,
         )
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return base_out + (self.lookup(x, base_layer) @ self.lora_embedding_B.T * self.scaling).to(base_out.dtype)
+        update = self.lookup(x, base_layer) @ self.lora_embedding_B.T * self.scaling
+        return base_out + update.to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
@@ -273,11 +313,13 @@ class DoraEmbedding(LoraEmbedding):
     def merge(self, base_layer: nn.Module) -> None:
         self.merged_norm = self.weight_norm(base_layer)
         scale = (self.lora_magnitude_vector / self.merged_norm).detach()
-        base_layer.weight.data = (base_layer.weight.data + self.delta_weight().to(base_layer.weight.dtype)) * scale
+        delta = self.delta_weight().to(base_layer.weight.dtype)
+        base_layer.weight.data = (base_layer.weight.data + delta) * scale
 
     def unmerge(self, base_layer: nn.Module) -> None:
         scale = (self.lora_magnitude_vector / self.merged_norm).detach()
-        base_layer.weight.data = base_layer.weight.data / scale - self.delta_weight().to(base_layer.weight.dtype)
+        delta = self.delta_weight().to(base_layer.weight.dtype)
+        base_layer.weight.data = base_layer.weight.data / scale - delta
         self.merged_norm = None
 
 
@@ -290,8 +332,13 @@ class LoraConv2d(LayerAdapter):
             raise ValueError("LoRA on grouped Conv2d layers is not supported; target other layers.")
         self.lora_dropout = _dropout(dropout)
         self.lora_A = nn.Conv2d(
-            base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
-            base_layer.dilation, bias=False,
+            base_layer.in_channels,
+            r,
+            base_layer.kernel_size,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+            bias=False,
         )
         self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False)
         self.scaling = scaling
@@ -339,7 +386,9 @@ class Lora(Method):
         elif isinstance(base_layer, nn.Embedding):
             kind = DoraEmbedding if config.use_dora else LoraEmbedding
         elif config.use_dora:
-            raise ValueError(f"use_dora=True supports linear and embedding layers; {module_name!r} is a Conv2d.")
+            raise ValueError(
+                f"use_dora=True supports linear and embedding layers; {module_name!r} is a Conv2d."
+            )
         else:
             kind = LoraConv2d
         adapter = kind(base_layer, r, scaling, config.lora_dropout)
@@ -348,7 +397,15 @@ class Lora(Method):
 
     def base_parameters(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
         if config.bias == "lora_only":
-            return [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t), "bias", None) is not None]
+            return [
+                f"{t}.base_layer.bias"
+                for t in targets
+                if getattr(model.get_submodule(t), "bias", None) is not None
+            ]
         if config.bias == "all":
-            return [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not is_adapter_parameter(n)]
+            return [
+                n
+                for n, _ in model.named_parameters()
+                if n.rsplit(".", 1)[-1] == "bias" and not is_adapter_parameter(n)
+            ]
         return []

@@ -22,7 +22,8 @@ SUPPORTED_TASKS = [TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRAC
 
 
 class PromptTuningInit(str, enum.Enum):
-    """RANDOM: N(0, 1); TEXT: the embeddings of `prompt_tuning_init_text`; SAMPLE_VOCAB: random vocabulary rows."""
+    """RANDOM: N(0, 1); TEXT: the embeddings of `prompt_tuning_init_text`; SAMPLE_VOCAB: random vocabulary
+    rows."""
 
     RANDOM = "RANDOM"
     TEXT = "TEXT"
@@ -49,10 +50,15 @@ class PromptTuningConfig(PeftConfig):
         super().__post_init__()
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ValueError(
-                f"PromptTuningConfig: num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}."
+                "PromptTuningConfig: num_virtual_tokens must be a positive integer, "
+                f"got {self.num_virtual_tokens!r}."
             )
-        check_choice("PromptTuningConfig", "prompt_tuning_init", str(getattr(self.prompt_tuning_init, "value",
-                     self.prompt_tuning_init)), [i.value for i in PromptTuningInit])
+        check_choice(
+            "PromptTuningConfig",
+            "prompt_tuning_init",
+            str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)),
+            [i.value for i in PromptTuningInit],
+        )
         self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
         if self.prompt_tuning_init == PromptTuningInit.TEXT and not (
             self.prompt_tuning_init_text and self.tokenizer_name_or_path
@@ -86,7 +92,9 @@ class PromptEmbedding(ModelAdapter):
             types = inputs["token_type_ids"]
             inputs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
         if inputs.pop("position_ids", None) is not None:
-            warnings.warn("position_ids are ignored with virtual tokens; positions are recomputed.", stacklevel=3)
+            warnings.warn(
+                "position_ids are ignored with virtual tokens; positions are recomputed.", stacklevel=3
+            )
         if task_type == TaskType.CAUSAL_LM and inputs.get("labels") is not None:
             labels = inputs["labels"]
             inputs["labels"] = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], dim=1)
@@ -141,7 +149,8 @@ def _init_token_ids(config: PromptTuningConfig) -> torch.Tensor:
     """The init text's token ids, repeated or cut to num_virtual_tokens."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+    kwargs = config.tokenizer_kwargs or {}
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     ids = (ids * math.ceil(config.num_virtual_tokens / len(ids)))[: config.num_virtual_tokens]
     return torch.tensor(ids)

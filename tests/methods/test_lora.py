@@ -1,0 +1,429 @@
+"""LoRA, rsLoRA, DoRA and the LoRA initialisations against hand computations of their equations."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.layer import TunedLayer, is_adapter_parameter
+
+
+class Toy(nn.Module):
+    """One layer of every kind LoRA adapts; targeting works on any nn.Module."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(6, 5)
+        self.emb = nn.Embedding(10, 4)
+        self.conv1d = Conv1D(5, 6)  # GPT-2's linear layer: weight stored (in=6, out=5)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def toy_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "lin": torch.randn(4, 6, generator=g),
+        "conv1d": torch.randn(2, 3, 6, generator=g),
+        "emb": torch.randint(0, 10, (2, 5), generator=g),
+        "conv": torch.randn(2, 3, 5, 5, generator=g),
+    }
+
+
+def adapter(layer: TunedLayer, name: str = "default"):
+    return layer.adapters[name]
+
+
+def wrap_toy(**config) -> tuple[Toy, Toy]:
+    """(reference copy of the toy, toy wrapped with LoRA on every layer)."""
+    reference = Toy()
+    toy = Toy()
+    config.setdefault("target_modules", ["lin", "emb", "conv1d", "conv"])
+    PeftModel(toy, LoraConfig(**config))
+    return reference, toy
+
+
+def lin_A_B(a) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.lora_A.weight.detach(), a.lora_B.weight.detach()
+
+
+# ---- forward equations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_forward_matches_hand_computation(use_rslora):
+    r, alpha = 4, 16
+    ref, toy = wrap_toy(r=r, lora_alpha=alpha, init_lora_weights=False, use_rslora=use_rslora)
+    s = alpha / math.sqrt(r) if use_rslora else alpha / r
+    inputs = toy_inputs()
+    with torch.no_grad():
+        # nn.Linear: h = W x + b + s B A x
+        x = inputs["lin"]
+        A, B = lin_A_B(adapter(toy.lin))
+        assert adapter(toy.lin).scaling == pytest.approx(s)
+        expected = x @ ref.lin.weight.T + ref.lin.bias + s * (x @ A.T @ B.T)
+        torch.testing.assert_close(toy.lin(x), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(toy.lin(x), ref.lin(x), atol=1e-3)
+
+        # Conv1D stores W as (in, out): h = x W + b + s B A x
+        x = inputs["conv1d"]
+        A, B = lin_A_B(adapter(toy.conv1d))
+        assert A.shape == (r, 6) and B.shape == (5, r)
+        expected = x @ ref.conv1d.weight + ref.conv1d.bias + s * (x @ A.T @ B.T)
+        torch.testing.assert_close(toy.conv1d(x), expected, atol=1e-5, rtol=1e-5)
+
+        # nn.Embedding: h = E[x] + s (B A)ᵀ[x], A ∈ R^{r×vocab}, B ∈ R^{dim×r}
+        x = inputs["emb"]
+        a = adapter(toy.emb)
+        A, B = a.lora_embedding_A.detach(), a.lora_embedding_B.detach()
+        assert A.shape == (r, 10) and B.shape == (4, r)
+        expected = ref.emb.weight[x] + s * (B @ A).T[x]
+        torch.testing.assert_close(toy.emb(x), expected, atol=1e-5, rtol=1e-5)
+
+        # nn.Conv2d: h = conv(x, W + s B∘A) + b, B a 1×1 kernel over A's r channels
+        x = inputs["conv"]
+        a = adapter(toy.conv)
+        A, B = a.lora_A.weight.detach(), a.lora_B.weight.detach()
+        assert A.shape == (r, 3, 3, 3) and B.shape == (4, r, 1, 1)
+        delta = (B.flatten(1) @ A.flatten(1)).view_as(ref.conv.weight)
+        expected = F.conv2d(x, ref.conv.weight + s * delta, ref.conv.bias, padding=1)
+        torch.testing.assert_close(toy.conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rslora_scale_is_alpha_over_sqrt_r():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=16, lora_alpha=8, use_rslora=True))
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=16, lora_alpha=8))
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert adapter(q).scaling == pytest.approx(8 / 4)
+    assert adapter(plain.get_base_model().model.layers[0].self_attn.q_proj).scaling == pytest.approx(8 / 16)
+
+
+def test_dora_forward_matches_formula():
+    """h = m ⊙ (W + sBA) x / ‖W + sBA‖_row + b, for nn.Linear and GPT-2's Conv1D."""
+    r, alpha = 4, 8
+    s = alpha / r
+    ref, toy = wrap_toy(r=r, lora_alpha=alpha, use_dora=True, target_modules=["lin", "conv1d", "emb"])
+    # Random A, B and magnitude: the magnitude no longer equals the norm, so every term matters.
+    randomize_adapters(toy, seed=11)
+    inputs = toy_inputs()
+    with torch.no_grad():
+        for name, weight_oi, bias in [
+            ("lin", ref.lin.weight, ref.lin.bias),
+            ("conv1d", ref.conv1d.weight.T, ref.conv1d.bias),
+        ]:
+            layer = getattr(toy, name)
+            a = adapter(layer)
+            A, B = lin_A_B(a)
+            m = a.lora_magnitude_vector.detach()
+            combined = weight_oi + s * B @ A
+            x = inputs[name]
+            expected = m * (x @ combined.T) / combined.norm(dim=1) + bias
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+        # Embedding: m ⊙ (E + s(BA)ᵀ)[x] / ‖E + s(BA)ᵀ‖ over the vocabulary, per dimension
+        a = adapter(toy.emb)
+        A, B, m = a.lora_embedding_A.detach(), a.lora_embedding_B.detach(), a.lora_magnitude_vector.detach()
+        combined = ref.emb.weight + s * (B @ A).T
+        x = inputs["emb"]
+        expected = m * combined[x] / combined.norm(dim=0)
+        torch.testing.assert_close(toy.emb(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_at_init_is_the_base_model(input_ids):
+    base = tiny_llama()
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", use_dora=True))
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(
+        adapter(q).lora_magnitude_vector.detach(), base.model.layers[0].self_attn.q_proj.weight.norm(dim=1)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, base(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_gradients_treat_the_norm_as_a_constant():
+    ref, toy = wrap_toy(use_dora=True, target_modules=["lin"], init_lora_weights=False, lora_alpha=16, r=4)
+    a = adapter(toy.lin)
+    x = toy_inputs()["lin"]
+    toy.lin(x).pow(2).sum().backward()
+    # reference: the same formula by hand, with the row norm detached (DoRA paper, section 4.3)
+    leaves = (a.lora_A.weight, a.lora_B.weight, a.lora_magnitude_vector)
+    A, B, m = (t.detach().clone().requires_grad_() for t in leaves)
+    combined = ref.lin.weight + 4 * B @ A
+    (m * (x @ combined.T) / combined.norm(dim=1).detach() + ref.lin.bias).pow(2).sum().backward()
+    for got, want in [(a.lora_A.weight, A), (a.lora_B.weight, B), (a.lora_magnitude_vector, m)]:
+        assert want.grad.abs().sum() > 0
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
+    assert toy.lin.base_layer.weight.grad is None
+
+
+# ---- initialisations -----------------------------------------------------------------------------
+
+
+def test_default_init_gives_the_base_model_exactly(input_ids):
+    base = tiny_llama()
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear"))
+    model.add_adapter("emb", LoraConfig(target_modules=["embed_tokens"]))
+    model.set_adapter(["default", "emb"])
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    A, B = lin_A_B(adapter(q))
+    assert A.abs().sum() > 0 and torch.equal(B, torch.zeros_like(B))
+    emb = adapter(model.get_base_model().model.embed_tokens, "emb")
+    assert torch.equal(emb.lora_embedding_A, torch.zeros_like(emb.lora_embedding_A))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, base(input_ids).logits)
+
+
+def big_linear_adapter(init):
+    torch.manual_seed(5)
+    module = nn.Sequential(nn.Linear(256, 256))
+    PeftModel(module, LoraConfig(r=8, target_modules=["0"], init_lora_weights=init))
+    return adapter(module[0])
+
+
+def test_gaussian_init_statistics():
+    a = big_linear_adapter("gaussian")
+    A, B = lin_A_B(a)
+    assert A.shape == (8, 256) and B.shape == (256, 8)
+    assert torch.equal(B, torch.zeros_like(B))
+    # A ~ N(0, (1/r)²): 2048 samples, so the std is within a few percent and the mean near 0.
+    assert A.std().item() == pytest.approx(1 / 8, rel=0.1)
+    assert abs(A.mean().item()) < 4 * (1 / 8) / math.sqrt(A.numel())
+
+
+def test_false_init_makes_both_factors_random():
+    a = big_linear_adapter(False)
+    A, B = lin_A_B(a)
+    # nn.Linear's default: U(-1/√fan_in, 1/√fan_in), std = 1/√(3·fan_in)
+    assert A.abs().max() <= 1 / math.sqrt(256) and B.abs().max() <= 1 / math.sqrt(8)
+    assert A.std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.1)
+    assert B.std().item() == pytest.approx(1 / math.sqrt(3 * 8), rel=0.1)
+
+
+def test_false_init_changes_outputs(input_ids):
+    base = tiny_llama()
+    model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=False))
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids).logits, base(input_ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_pissa_olora_keep_outputs_and_split_the_weight(init, builder, input_ids):
+    base = builder()
+    r, alpha = 4, 8
+    s = alpha / r
+    targets = ["q_proj", "o_proj", "down_proj"] if builder is tiny_llama else ["c_attn", "c_fc"]
+    model = get_peft_model(
+        builder(), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=init)
+    )
+    original = dict(base.named_parameters())
+    layers = [(n, m) for n, m in model.get_base_model().named_modules() if isinstance(m, TunedLayer)]
+    assert len(layers) == 2 * len(targets)
+    for name, layer in layers:
+        transposed = type(layer.base_layer).__name__ == "Conv1D"
+        w = original[f"{name}.weight"].detach()
+        w_oi = w.T if transposed else w
+        residual = layer.base_layer.weight.detach()
+        residual_oi = residual.T if transposed else residual
+        A, B = lin_A_B(adapter(layer))
+        # W_res + s·B A == W_original, and the adapter carries a real part of W
+        torch.testing.assert_close(residual_oi + s * B @ A, w_oi, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(residual_oi, w_oi, atol=1e-3)
+        if init == "pissa":  # s·B A is the best rank-r approximation of W
+            u, sv, vh = torch.linalg.svd(w_oi)
+            torch.testing.assert_close(
+                s * B @ A, u[:, :r] @ torch.diag(sv[:r]) @ vh[:r], atol=1e-5, rtol=1e-5
+            )
+        if init == "olora":  # B holds orthonormal columns (the first r of Q)
+            torch.testing.assert_close(B.T @ B, torch.eye(r), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, base(input_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+# ---- merging -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge_every_layer_type(use_dora):
+    targets = ["lin", "emb", "conv1d"] + ([] if use_dora else ["conv"])
+    ref, toy = wrap_toy(init_lora_weights=False, use_dora=use_dora, target_modules=targets)
+    randomize_adapters(toy, seed=2)
+    inputs = toy_inputs()
+    with torch.no_grad():
+        before = {n: getattr(toy, n)(inputs[n]) for n in targets}
+        for n in targets:
+            getattr(toy, n).merge(["default"])
+            layer = getattr(toy, n)
+            assert layer.merged_adapters == ["default"]
+            assert not torch.allclose(layer.base_layer.weight, getattr(ref, n).weight, atol=1e-4)
+            # merged: the base layer alone computes the adapted output
+            torch.testing.assert_close(layer.base_layer(inputs[n]), before[n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer(inputs[n]), before[n], atol=1e-5, rtol=1e-5)
+            layer.unmerge()
+            assert layer.merged_adapters == []
+            torch.testing.assert_close(layer.base_layer.weight, getattr(ref, n).weight, atol=1e-6, rtol=1e-5)
+            if n != "emb":
+                assert torch.equal(layer.base_layer.bias, getattr(ref, n).bias)
+            torch.testing.assert_close(layer(inputs[n]), before[n], atol=1e-5, rtol=1e-5)
+
+
+def test_dora_conv2d_is_refused():
+    with pytest.raises(ValueError, match="use_dora=True supports linear and embedding layers.*Conv2d"):
+        wrap_toy(use_dora=True, target_modules=["conv"])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_and_unload_equals_unmerged_output(use_dora, input_ids):
+    model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], use_dora=use_dora),
+    )
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        plain = model.merge_and_unload()
+        assert not any(isinstance(m, TunedLayer) for m in plain.modules())
+        assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+        torch.testing.assert_close(plain(input_ids).logits, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(tiny_llama()(input_ids).logits, expected, atol=1e-3)
+
+
+def test_merge_adapter_then_unmerge_restores_the_model(input_ids):
+    base = tiny_llama()
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear"))
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-4, rtol=1e-4)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        merged_free = {
+            n.replace(".base_layer", ""): p
+            for n, p in model.get_base_model().named_parameters()
+            if not is_adapter_parameter(n)
+        }
+        for name, p in base.named_parameters():
+            torch.testing.assert_close(merged_free[name], p, atol=1e-6, rtol=1e-5)
+
+
+def test_merging_a_tied_weight_warns(input_ids):
+    """GPT-2 ties wte and lm_head: merging a LoRA on wte would change lm_head too."""
+    model = get_peft_model(tiny_gpt2(), LoraConfig(target_modules=["wte"]))
+    randomize_adapters(model)
+    with pytest.warns(UserWarning, match=r"'transformer.wte' also changes \['lm_head.weight'\], which share"):
+        model.merge_adapter()
+    untied = get_peft_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens", "lm_head"]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*share its weights.*")
+        untied.merge_adapter()
+
+
+def test_bias_all_and_lora_only_train_base_biases():
+    reference = tiny_gpt2()
+    all_biases = sum(p.numel() for n, p in reference.named_parameters() if n.endswith(".bias"))
+    lora_params = 2 * 8 * (32 + 96)  # c_attn: in 32, out 96, two blocks
+    model = get_peft_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], bias="all"), adapter_name="a")
+    assert model.get_nb_trainable_parameters()[0] == lora_params + all_biases
+    # a second, inactive adapter that also trains the biases must not freeze them for the active one
+    model.add_adapter("b", LoraConfig(target_modules=["c_attn"], bias="all"))
+    assert model.get_nb_trainable_parameters()[0] == lora_params + all_biases
+    only = get_peft_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], bias="lora_only"))
+    trainable = {n for n, p in only.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.endswith("bias")} == {
+        f"base_model.model.transformer.h.{i}.attn.c_attn.base_layer.bias" for i in (0, 1)
+    }
+    assert only.get_nb_trainable_parameters()[0] == lora_params + 2 * 96
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def test_training_lowers_loss_and_leaves_the_base_bit_identical(input_ids):
+    base = tiny_llama()
+    frozen = [(n, p, p.detach().clone()) for n, p in base.named_parameters()]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not is_adapter_parameter(n))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    assert len(frozen) == 21
+    for name, param, before in frozen:
+        assert param.grad is None, name
+        assert torch.equal(param, before), name
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_trainable_parameter_count_is_analytic(use_dora):
+    r = 4
+    model = get_peft_model(tiny_llama(), LoraConfig(r=r, target_modules="all-linear", use_dora=use_dora))
+    cfg = model.config
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = [
+        (h, h),
+        (h, kv),
+        (h, kv),
+        (h, h),
+        (h, inter),
+        (h, inter),
+        (inter, h),
+    ]  # (in, out): q k v o gate up down
+    per_layer = sum(r * (i + o) + (o if use_dora else 0) for i, o in shapes)
+    expected = cfg.num_hidden_layers * per_layer
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert total == expected + sum(p.numel() for p in tiny_llama().parameters())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_rank_and_alpha_patterns_reach_the_layers():
+    model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32},
+        ),
+    )
+    layers = model.get_base_model().model.layers
+    assert adapter(layers[0].self_attn.q_proj).lora_A.out_features == 4
+    assert adapter(layers[0].self_attn.q_proj).scaling == pytest.approx(2.0)
+    assert adapter(layers[1].self_attn.q_proj).scaling == pytest.approx(8.0)
+    assert adapter(layers[0].self_attn.v_proj).lora_A.out_features == 2
+    assert adapter(layers[0].self_attn.v_proj).scaling == pytest.approx(4.0)
+
+
+def test_dropout_only_touches_the_lora_path():
+    ref, toy = wrap_toy(target_modules=["lin"], lora_dropout=0.5, init_lora_weights=False)
+    x = toy_inputs()["lin"]
+    toy.train()
+    torch.manual_seed(0)
+    out = toy.lin(x)
+    torch.manual_seed(0)
+    kept = F.dropout(x, 0.5, training=True)
+    A, B = lin_A_B(adapter(toy.lin))
+    expected = ref.lin(x) + (kept @ A.T @ B.T)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    toy.eval()
+    torch.testing.assert_close(toy.lin(x), ref.lin(x) + x @ A.T @ B.T, atol=1e-5, rtol=1e-5)
