@@ -86,3 +86,26 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 7) -> None:
         for _, param in sorted(model.named_parameters()):
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def snapshot(model: torch.nn.Module) -> list:
+    """(name, parameter, copy) for every parameter of a model, taken before wrapping it."""
+    return [(n, p, p.detach().clone()) for n, p in model.named_parameters()]
+
+
+def train_and_check_frozen(peft_model: torch.nn.Module, frozen: list, inputs: dict, lr: float) -> list:
+    """Ten AdamW steps over every parameter; asserts the loss fell and the snapshot is untouched."""
+    optimizer = torch.optim.AdamW(peft_model.parameters(), lr=lr, weight_decay=0.1)
+    peft_model.train()
+    losses = []
+    for _ in range(10):
+        loss = peft_model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    for name, param, before in frozen:
+        assert param.grad is None, name
+        assert torch.equal(param, before), name
+    return losses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import randomize_adapters, snapshot, tiny_bert, tiny_gpt2, tiny_llama, train_and_check_frozen
 from torch import nn
 
 from peftkit import BitFitConfig, PeftModel, get_peft_model
@@ -51,22 +51,9 @@ def test_trainable_count_is_every_bias_plus_the_classification_head():
 
 def test_training_lowers_loss_and_leaves_the_base_bit_identical():
     base = tiny_bert()
-    frozen = [(n, p, p.detach().clone()) for n, p in base.named_parameters()]
+    frozen = snapshot(base)
     model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
-    model.train()
-    inputs = batch()
-    losses = []
-    for _ in range(10):
-        loss = model(**inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05
-    for name, param, before in frozen:
-        assert param.grad is None, name
-        assert torch.equal(param, before), name
+    train_and_check_frozen(model, frozen, batch(), lr=5e-2)
     deltas = [p for n, p in model.named_parameters() if n.endswith("bias_delta")]
     assert deltas and all(d.abs().sum() > 0 for d in deltas)
 
