@@ -67,7 +67,14 @@ class PeftModel(nn.Module):
 
     task_heads: ClassVar[list[str]] = []
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         super().__init__()
         self.base_model = BaseModelHolder(model)
         self.model_adapters = nn.ModuleDict()
@@ -77,7 +84,7 @@ class PeftModel(nn.Module):
         self._disabled = False
         for param in model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
         self._mirror_forward_signature()
 
@@ -119,8 +126,18 @@ class PeftModel(nn.Module):
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add a new, inactive adapter; `set_adapter` activates it."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new, inactive adapter; `set_adapter` activates it.
+
+        Adapter weights take the base layer's device and dtype, except that with `autocast_adapter_dtype`
+        they stay in float32 over a float16/bfloat16 base, which trains more stably. `low_cpu_mem_usage`
+        is accepted for Hugging Face peft's signature; adapters here are small and built directly."""
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"An adapter named {adapter_name!r} exists already; delete_adapter it or pick another name."
@@ -140,7 +157,8 @@ class PeftModel(nn.Module):
         for name in targets:
             module = model.get_submodule(name)
             base = module.base_layer if isinstance(module, TunedLayer) else module
-            layer_adapters[name] = method.layer_adapter(base, name, config).to(_device_of(base))
+            adapter = method.layer_adapter(base, name, config)
+            layer_adapters[name] = adapter.to(**_placement(base, autocast_adapter_dtype))
         model_adapter = method.model_adapter(model, config)
 
         for name, adapter in layer_adapters.items():
@@ -403,10 +421,13 @@ class PeftModel(nn.Module):
         save_directory: str,
         selected_adapters: list[str] | None = None,
         safe_serialization: bool = True,
-        **kwargs: Any,
+        is_main_process: bool = True,
     ) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors ("default" at the top level,
-        others in a sub-folder named after them), the layout Hugging Face peft uses."""
+        others in a sub-folder named after them), the layout Hugging Face peft uses. In distributed runs
+        pass `is_main_process=False` on every rank but one: those write nothing."""
+        if not is_main_process:
+            return
         if not safe_serialization:
             raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
         if os.path.isfile(save_directory):
@@ -423,13 +444,13 @@ class PeftModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         allow_pickle: bool = False,
-        **kwargs: Any,
+        subfolder: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Add an adapter saved by `save_pretrained` (peftkit or Hugging Face peft) under `adapter_name`."""
-        config = load_config(model_id)
-        config.inference_mode = not is_trainable
-        weights = read_weights(model_id, allow_pickle=allow_pickle)
-        self.add_adapter(adapter_name, config)
+        config, weights = _read_adapter(model_id, subfolder, None, is_trainable, allow_pickle)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             load_adapter_weights(self, adapter_name, weights)
         except Exception:
@@ -445,22 +466,40 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         allow_pickle: bool = False,
-        **kwargs: Any,
+        subfolder: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> PeftModel:
-        """Wrap `model` with the adapter saved in the folder `model_id` (never downloads)."""
-        config = dataclasses.replace(config or load_config(model_id), inference_mode=not is_trainable)
-        weights = read_weights(model_id, allow_pickle=allow_pickle)
+        """Wrap `model` with the adapter saved in the folder `model_id` (or its `subfolder`); never downloads.
+
+        Loaded for inference (frozen) unless `is_trainable`; pickled weights only with `allow_pickle`."""
+        config, weights = _read_adapter(model_id, subfolder, config, is_trainable, allow_pickle)
         model_class = cls
         if cls is PeftModel:
             model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-        peft_model = model_class(model, config, adapter_name)
+        peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         load_adapter_weights(peft_model, adapter_name, weights)
         return peft_model
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(iter(module.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+def _read_adapter(
+    model_id: str, subfolder: str | None, config: PeftConfig | None, is_trainable: bool, allow_pickle: bool
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The config (marked trainable or not) and weights of a saved adapter."""
+    directory = os.path.join(model_id, subfolder) if subfolder else model_id
+    config = dataclasses.replace(config or load_config(directory), inference_mode=not is_trainable)
+    return config, read_weights(directory, allow_pickle=allow_pickle)
+
+
+def _placement(base_layer: nn.Module, autocast_adapter_dtype: bool) -> dict[str, Any]:
+    """Device and dtype for a new adapter: the base layer's, but float32 over a half-precision base."""
+    tensor = next(iter(base_layer.parameters()), None)
+    if tensor is None:
+        return {}
+    half = tensor.dtype in (torch.float16, torch.bfloat16)
+    if not tensor.is_floating_point() or (half and autocast_adapter_dtype):
+        return {"device": tensor.device}
+    return {"device": tensor.device, "dtype": tensor.dtype}
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -504,11 +543,21 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a new adapter; the `PeftModel` subclass follows `peft_config.task_type`."""
+    """Wrap `model` with a new adapter; the `PeftModel` subclass follows `peft_config.task_type`.
+
+    `mixed` is accepted for Hugging Face peft's signature: every peftkit model can mix methods."""
+    if revision is not None:
+        peft_config = dataclasses.replace(peft_config, revision=revision)
     model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
-    return model_class(model, peft_config, adapter_name)
+    return model_class(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def inject_adapter_in_model(

@@ -147,7 +147,55 @@ def _set_weight_oi(base_layer: nn.Module, weight_oi: torch.Tensor) -> None:
     _weight_oi(base_layer).data.copy_(weight_oi)
 
 
-class LoraLinear(LayerAdapter):
+class LowRankUpdate(LayerAdapter):
+    """What every LoRA layer shares: merging adds s·B A, in the base weight's layout, to W."""
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+class DoraMagnitude:
+    """What every DoRA layer shares (mixed in before its LoRA class).
+
+    m starts as ‖W + s·B A‖ (each layer says over which axes, `weight_norm`); merging writes
+    (m/‖W + s·B A‖)·(W + s·B A) and keeps the norm so that unmerging can divide it back out.
+    """
+
+    def add_magnitude(self, shape: tuple[int, ...]) -> None:
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(shape))
+        self.register_buffer("merged_norm", None, persistent=False)
+
+    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
+        super().initialise(init, base_layer)
+        self.lora_magnitude_vector.data.copy_(self.weight_norm(base_layer))
+
+    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
+        """m/‖·‖ shaped to broadcast over the base weight."""
+        raise NotImplementedError
+
+    def merge(self, base_layer: nn.Module) -> None:
+        self.merged_norm = self.weight_norm(base_layer)
+        scale = self.as_weight_layout((self.lora_magnitude_vector / self.merged_norm).detach())
+        weight = base_layer.weight.data
+        base_layer.weight.data = ((weight + self.delta_weight().to(weight.dtype)) * scale).to(weight.dtype)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        scale = self.as_weight_layout((self.lora_magnitude_vector / self.merged_norm).detach())
+        weight = base_layer.weight.data
+        base_layer.weight.data = (weight / scale - self.delta_weight().to(weight.dtype)).to(weight.dtype)
+        self.merged_norm = None
+
+
+class LoraLinear(LowRankUpdate):
     """h = W x + s·B A dropout(x), for nn.Linear and Conv1D."""
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
@@ -198,29 +246,20 @@ class LoraLinear(LayerAdapter):
         """s·B A in the base weight's layout."""
         return self.delta_weight_oi().T if self.transposed else self.delta_weight_oi()
 
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
 
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
-
-
-class DoraLinear(LoraLinear):
-    """h = (m/‖W + s·BA‖)·(W x + s·B A x) + b, with the row norm ‖·‖ detached from the gradient."""
+class DoraLinear(DoraMagnitude, LoraLinear):
+    """h = (m/‖W + s·BA‖)·(W x + s·B A x) + b, the norm per output row, detached from the gradient."""
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
         super().__init__(base_layer, r, scaling, dropout)
-        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.lora_B.out_features))
-        self.register_buffer("merged_norm", None, persistent=False)
-
-    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
-        super().initialise(init, base_layer)
-        self.lora_magnitude_vector.data.copy_(self.weight_norm(base_layer))
+        self.add_magnitude((self.lora_B.out_features,))
 
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
-        """‖W + s·B A‖ per output row."""
         weight = _weight_oi(base_layer).detach()
         return torch.linalg.norm(weight + self.delta_weight_oi().detach().to(weight.dtype), dim=1)
+
+    def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.unsqueeze(0) if self.transposed else scale.unsqueeze(1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
@@ -232,18 +271,8 @@ class DoraLinear(LoraLinear):
         update = (scale - 1) * plain + scale * self.lora_B(self.lora_A(x)) * self.scaling
         return base_out + update.to(base_out.dtype)
 
-    def merge(self, base_layer: nn.Module) -> None:
-        self.merged_norm = self.weight_norm(base_layer)
-        scale = (self.lora_magnitude_vector / self.merged_norm).detach().unsqueeze(1)
-        _set_weight_oi(base_layer, (_weight_oi(base_layer) + self.delta_weight_oi()) * scale)
 
-    def unmerge(self, base_layer: nn.Module) -> None:
-        scale = (self.lora_magnitude_vector / self.merged_norm).detach().unsqueeze(1)
-        _set_weight_oi(base_layer, _weight_oi(base_layer) / scale - self.delta_weight_oi())
-        self.merged_norm = None
-
-
-class LoraEmbedding(LayerAdapter):
+class LoraEmbedding(LowRankUpdate):
     """h = E[x] + s·Aᵀ[x] Bᵀ, with A ∈ R^{r×vocab} and B ∈ R^{dim×r} (B A is a low-rank table update)."""
 
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float) -> None:
@@ -281,49 +310,28 @@ class LoraEmbedding(LayerAdapter):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
 
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
 
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
-
-
-class DoraEmbedding(LoraEmbedding):
+class DoraEmbedding(DoraMagnitude, LoraEmbedding):
     """h = (m/‖E + s·(BA)ᵀ‖)·(E[x] + s·Aᵀ[x] Bᵀ), the norm taken over the vocabulary for each dimension."""
 
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float) -> None:
         super().__init__(base_layer, r, scaling, dropout)
-        self.lora_magnitude_vector = nn.Parameter(torch.empty(base_layer.embedding_dim))
-        self.register_buffer("merged_norm", None, persistent=False)
-
-    def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
-        super().initialise(init, base_layer)
-        self.lora_magnitude_vector.data.copy_(self.weight_norm(base_layer))
+        self.add_magnitude((base_layer.embedding_dim,))
 
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
         weight = base_layer.weight.detach()
         return torch.linalg.norm(weight + self.delta_weight().detach().to(weight.dtype), dim=0)
 
+    def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         scale = self.lora_magnitude_vector / self.weight_norm(base_layer)
-        return (scale * (base_out + self.lookup(x, base_layer) @ self.lora_embedding_B.T * self.scaling)).to(
-            base_out.dtype
-        )
-
-    def merge(self, base_layer: nn.Module) -> None:
-        self.merged_norm = self.weight_norm(base_layer)
-        scale = (self.lora_magnitude_vector / self.merged_norm).detach()
-        delta = self.delta_weight().to(base_layer.weight.dtype)
-        base_layer.weight.data = (base_layer.weight.data + delta) * scale
-
-    def unmerge(self, base_layer: nn.Module) -> None:
-        scale = (self.lora_magnitude_vector / self.merged_norm).detach()
-        delta = self.delta_weight().to(base_layer.weight.dtype)
-        base_layer.weight.data = base_layer.weight.data / scale - delta
-        self.merged_norm = None
+        update = self.lookup(x, base_layer) @ self.lora_embedding_B.T * self.scaling
+        return (scale * (base_out + update)).to(base_out.dtype)
 
 
-class LoraConv2d(LayerAdapter):
+class LoraConv2d(LowRankUpdate):
     """h = conv(x, W) + s·conv₁ₓ₁(conv(x, A), B): A has the base kernel and r output channels."""
 
     def __init__(self, base_layer: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
@@ -361,11 +369,31 @@ class LoraConv2d(LayerAdapter):
         a, b = self.lora_A.weight, self.lora_B.weight
         return torch.einsum("or,rihw->oihw", b[:, :, 0, 0], a) * self.scaling
 
-    def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
 
-    def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+class DoraConv2d(DoraMagnitude, LoraConv2d):
+    """h = (m/‖W + s·B∘A‖)·(conv(x, W) + s·B(A(x))) + b, the norm per output filter, detached."""
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
+        super().__init__(base_layer, r, scaling, dropout)
+        self.add_magnitude((1, base_layer.out_channels, 1, 1))
+
+    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        weight = base_layer.weight.detach() + self.delta_weight().detach().to(base_layer.weight.dtype)
+        return weight.norm(p=2, dim=(1, 2, 3)).view(1, -1, 1, 1)
+
+    def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.view(-1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        scale = self.lora_magnitude_vector / self.weight_norm(base_layer)
+        if isinstance(self.lora_dropout, nn.Identity):
+            plain = base_out if base_layer.bias is None else base_out - base_layer.bias.view(1, -1, 1, 1)
+        else:
+            conv = base_layer
+            plain = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        update = (scale - 1) * plain + scale * self.lora_B(self.lora_A(x)) * self.scaling
+        return base_out + update.to(base_out.dtype)
 
 
 @register_method
@@ -385,12 +413,8 @@ class Lora(Method):
             kind = DoraLinear if config.use_dora else LoraLinear
         elif isinstance(base_layer, nn.Embedding):
             kind = DoraEmbedding if config.use_dora else LoraEmbedding
-        elif config.use_dora:
-            raise ValueError(
-                f"use_dora=True supports linear and embedding layers; {module_name!r} is a Conv2d."
-            )
         else:
-            kind = LoraConv2d
+            kind = DoraConv2d if config.use_dora else LoraConv2d
         adapter = kind(base_layer, r, scaling, config.lora_dropout)
         adapter.initialise(config.init_lora_weights, base_layer)
         return adapter

@@ -129,6 +129,36 @@ def test_lora_round_trip(case, saver, loader, tmp_path):
     torch.testing.assert_close(logits(loaded, inputs), logits(trained, inputs), atol=ATOL, rtol=RTOL)
 
 
+class ConvNet(torch.nn.Module):
+    """A small image classifier: LoRA and DoRA on nn.Conv2d need no transformers model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(pixels).relu().mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(("saver", "loader"), DIRECTIONS, ids=DIRECTION_IDS)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_conv2d_round_trip(use_dora, saver, loader, tmp_path):
+    pixels = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    model = LIBS[saver].get_peft_model(
+        ConvNet(), config(saver, "LoraConfig", r=4, target_modules=["conv"], use_dora=use_dora)
+    )
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(pixels)
+        assert (expected - ConvNet()(pixels)).abs().max() > MIN_EFFECT
+    model.save_pretrained(str(tmp_path))
+    loaded = load(loader, ConvNet, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels), expected, atol=ATOL, rtol=RTOL)
+
+
 def test_rank_pattern_gives_per_layer_shapes(tmp_path):
     """rank_pattern really changes ranks on disk, identically in both libraries."""
     build, options = LORA_CASES["rank-alpha-pattern"]

@@ -110,10 +110,10 @@ def test_rslora_scale_is_alpha_over_sqrt_r():
 
 
 def test_dora_forward_matches_formula():
-    """h = m ⊙ (W + sBA) x / ‖W + sBA‖_row + b, for nn.Linear and GPT-2's Conv1D."""
+    """h = m ⊙ (W + sBA) x / ‖W + sBA‖_row + b, for nn.Linear, GPT-2's Conv1D, Embedding and Conv2d."""
     r, alpha = 4, 8
     s = alpha / r
-    ref, toy = wrap_toy(r=r, lora_alpha=alpha, use_dora=True, target_modules=["lin", "conv1d", "emb"])
+    ref, toy = wrap_toy(r=r, lora_alpha=alpha, use_dora=True)
     # Random A, B and magnitude: the magnitude no longer equals the norm, so every term matters.
     randomize_adapters(toy, seed=11)
     inputs = toy_inputs()
@@ -138,6 +138,15 @@ def test_dora_forward_matches_formula():
         x = inputs["emb"]
         expected = m * combined[x] / combined.norm(dim=0)
         torch.testing.assert_close(toy.emb(x), expected, atol=1e-5, rtol=1e-5)
+
+        # Conv2d: one kernel W + s·B∘A, the norm per output filter
+        a = adapter(toy.conv)
+        A, B, m = a.lora_A.weight.detach(), a.lora_B.weight.detach(), a.lora_magnitude_vector.detach()
+        combined = ref.conv.weight + s * torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A)
+        x = inputs["conv"]
+        norm = combined.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+        expected = m * F.conv2d(x, combined, padding=1) / norm + ref.conv.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(toy.conv(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_dora_at_init_is_the_base_model(input_ids):
@@ -256,7 +265,7 @@ def test_pissa_olora_keep_outputs_and_split_the_weight(init, builder, input_ids)
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_unmerge_every_layer_type(use_dora):
-    targets = ["lin", "emb", "conv1d"] + ([] if use_dora else ["conv"])
+    targets = ["lin", "emb", "conv1d", "conv"]
     ref, toy = wrap_toy(init_lora_weights=False, use_dora=use_dora, target_modules=targets)
     randomize_adapters(toy, seed=2)
     inputs = toy_inputs()
@@ -276,11 +285,6 @@ def test_merge_unmerge_every_layer_type(use_dora):
             if n != "emb":
                 assert torch.equal(layer.base_layer.bias, getattr(ref, n).bias)
             torch.testing.assert_close(layer(inputs[n]), before[n], atol=1e-5, rtol=1e-5)
-
-
-def test_dora_conv2d_is_refused():
-    with pytest.raises(ValueError, match="use_dora=True supports linear and embedding layers.*Conv2d"):
-        wrap_toy(use_dora=True, target_modules=["conv"])
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
