@@ -223,15 +223,17 @@ class PeftModel(nn.Module):
 
     def _update_trainable(self) -> None:
         """Active adapters not loaded for inference train; every other tensor is frozen."""
-        train: dict[int, tuple[torch.Tensor, bool]] = {}
+        tensors: dict[int, torch.Tensor] = {}
+        trains: dict[int, bool] = {}
         for name, config in self.peft_config.items():
-            trains = name in self._active and not config.inference_mode
+            active = name in self._active and not config.inference_mode
             for _, tensor in adapter_tensors(self, name).values():
                 # a base tensor several adapters train in place (bias="all") trains if any of them does
-                train[id(tensor)] = (tensor, trains or train.get(id(tensor), (None, False))[1])
-        for tensor, trains in train.values():
+                tensors[id(tensor)] = tensor
+                trains[id(tensor)] = trains.get(id(tensor), False) or active
+        for key, tensor in tensors.items():
             if tensor.is_floating_point():
-                tensor.requires_grad_(trains)
+                tensor.requires_grad_(trains[key])
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -142,11 +142,6 @@ def _weight_oi(base_layer: nn.Module) -> torch.Tensor:
     return base_layer.weight.T if type(base_layer).__name__ == "Conv1D" else base_layer.weight
 
 
-def _set_weight_oi(base_layer: nn.Module, weight_oi: torch.Tensor) -> None:
-    """Write an (out, in) weight back in the base layer's own layout and dtype."""
-    _weight_oi(base_layer).data.copy_(weight_oi)
-
-
 class LowRankUpdate(LayerAdapter):
     """What every LoRA layer shares: merging adds s·B A, in the base weight's layout, to W."""
 
@@ -232,7 +227,7 @@ class LoraLinear(LowRankUpdate):
             a, b = torch.diag(s.sqrt()) @ vh, u @ torch.diag(s.sqrt())
         self.lora_A.weight.data.copy_(a)
         self.lora_B.weight.data.copy_(b)
-        _set_weight_oi(base_layer, weight - self.scaling * b @ a)
+        _weight_oi(base_layer).data.copy_(weight - self.scaling * b @ a)  # the residual, in W's own dtype
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
