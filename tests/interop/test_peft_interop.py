@@ -348,3 +348,104 @@ def test_same_files(case, tmp_path):
     assert {k: (v.shape, v.dtype) for k, v in kit_weights.items()} == {
         k: (v.shape, v.dtype) for k, v in hf_weights.items()
     }
+
+
+# ---- the other task types ---------------------------------------------------------------------------
+
+
+def tiny_t5() -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_bert_head(kind: str):
+    from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
+
+    def build():
+        torch.manual_seed(0)
+        config = BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        return {"token": BertForTokenClassification, "qa": BertForQuestionAnswering}[kind](config).eval()
+
+    return build
+
+
+def outputs(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's scores as one tensor, whatever the head (QA has start and end logits)."""
+    with torch.no_grad():
+        out = model(**inputs)
+    return torch.cat([out.start_logits, out.end_logits]) if hasattr(out, "start_logits") else out.logits
+
+
+TASK_CASES = {
+    "token-cls": (tiny_bert_head("token"), "TOKEN_CLS", BERT_QV, "base_model.model.classifier.weight"),
+    "question-ans": (tiny_bert_head("qa"), "QUESTION_ANS", BERT_QV, "base_model.model.qa_outputs.weight"),
+    "seq2seq": (tiny_t5, "SEQ_2_SEQ_LM", ["q", "v"], None),
+}
+
+
+@pytest.mark.parametrize(("saver", "loader"), DIRECTIONS, ids=DIRECTION_IDS)
+@pytest.mark.parametrize("case", list(TASK_CASES))
+def test_other_task_types_round_trip(case, saver, loader, tmp_path):
+    build, task_type, targets, head_key = TASK_CASES[case]
+    inputs = batch()
+    if task_type == "SEQ_2_SEQ_LM":
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
+    options = {"task_type": task_type, "target_modules": targets}
+    model = LIBS[saver].get_peft_model(build(), config(saver, "LoraConfig", **options))
+    randomize_adapters(model)
+    model.eval()
+    expected = outputs(model, inputs)
+    assert (expected - outputs(build(), inputs)).abs().max() > MIN_EFFECT
+    model.save_pretrained(str(tmp_path))
+    if head_key:
+        assert head_key in saved_weights(str(tmp_path))  # the task head is trained and saved
+    loaded = load(loader, build, str(tmp_path))
+    assert type(loaded).__name__ == type(model).__name__
+    torch.testing.assert_close(outputs(loaded, inputs), expected, atol=ATOL, rtol=RTOL)
+    if task_type == "SEQ_2_SEQ_LM":
+        del inputs["decoder_input_ids"]
+        assert torch.equal(greedy(loaded, inputs), greedy(model, inputs))
+
+
+def test_mixed_batch_matches_peft(tmp_path):
+    """Two adapters saved once, loaded into both libraries: the same rows get the same logits."""
+    for name, targets in [("one", QV), ("two", ["o_proj", "up_proj", "v_proj"])]:
+        model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(target_modules=targets))
+        randomize_adapters(model, seed=len(targets))
+        model.save_pretrained(str(tmp_path / name))
+    loaded = {}
+    for lib in LIBS:
+        model = load(lib, tiny_llama, str(tmp_path / "one"))
+        model.load_adapter(str(tmp_path / "two"), adapter_name="two")
+        loaded[lib] = model
+    inputs = batch()
+    names = ["two", "__base__", "default"]
+    with torch.no_grad():
+        ours = loaded["peftkit"](**inputs, adapter_names=names).logits
+        theirs = loaded["peft"](**inputs, adapter_names=names).logits
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
+    assert (ours[0] - ours[1]).abs().max() > MIN_EFFECT and (ours[2] - ours[1]).abs().max() > MIN_EFFECT
