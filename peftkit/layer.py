@@ -4,7 +4,8 @@
   a method made for it. Its forward is `out = base_layer(x)`, then each active adapter in turn:
   `out = adapter(x, out, base_layer)`.
 * `ModulesToSave` wraps a module that is trained in full (a classification head) with one copy per adapter.
-* `ModelAdapter` is the protocol for model-level adapters that change the inputs (virtual tokens).
+* `ModelAdapter` is the protocol for a method's model-level part: virtual tokens that rewrite the inputs,
+  a loss term added to the outputs, or model-wide operations (rank allocation) exposed on `PeftModel`.
 
 Mixed batches (one adapter per row) are routed here, in one place, for every wrapper.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,8 +27,63 @@ class NotMergeableError(TypeError):
     """Raised when an adapter's change cannot be folded into the base weights."""
 
 
-class LayerAdapter(nn.Module):
-    """One adapter's change to one layer. Subclasses write the method's equation in `forward`."""
+class SavedState:
+    """How an adapter module is written to and read from the adapter file (mixed into both protocols).
+
+    The defaults write the module's state_dict and read it back strictly. A method that stores its
+    weights differently on disk (sparse, resized) overrides both."""
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict(keep_vars=True))
+
+    def load_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy `tensors` (keys relative to this module) in, or raise naming what does not fit."""
+        copy_strict(self.state_dict(keep_vars=True), tensors, where)
+
+
+def copy_strict(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy every tensor into its target after checking that names and shapes match exactly.
+
+    `where` reads "Adapter 'x': <prefix>", so that `where + key` names a tensor as it is on disk."""
+    missing, unknown = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing or unknown:
+        adapter, _, prefix = where.partition(": ")
+        problems = []
+        if missing:
+            problems.append(
+                f"the file lacks {len(missing)} weights it needs (e.g. {[prefix + k for k in missing[:3]]})"
+            )
+        if unknown:
+            problems.append(
+                f"the file has {len(unknown)} it does not use (e.g. {[prefix + k for k in unknown[:3]]})"
+            )
+        raise ValueError(
+            f"{adapter} does not fit this model: {'; '.join(problems)}. Load it onto the base model it was "
+            "trained on, with the adapter_config.json saved beside it."
+        )
+    for key, value in tensors.items():
+        if targets[key].shape != value.shape:
+            raise ValueError(
+                f"{where}{key} has shape {tuple(value.shape)} in the file but {tuple(targets[key].shape)} in "
+                "the model. The config (rank, number of virtual tokens, ...) or the base model differs from "
+                "the one the adapter was saved with."
+            )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            targets[key].copy_(value.to(dtype=targets[key].dtype, device=targets[key].device))
+
+
+class LayerAdapter(SavedState, nn.Module):
+    """One adapter's change to one layer. Subclasses write the method's equation in `forward`.
+
+    A method that scales or shifts the layer's *input* (IA3 on feed-forward layers) sets
+    `transforms_input` and implements `transform_input`; the base layer then runs on the result.
+    """
+
+    transforms_input: ClassVar[bool] = False
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -41,15 +97,29 @@ class LayerAdapter(nn.Module):
         raise NotMergeableError(f"{type(self).__name__} cannot be unmerged.")
 
 
-class ModelAdapter(nn.Module):
-    """A model-level adapter that rewrites the model's inputs (e.g. prepends virtual tokens).
+class ModelAdapter(SavedState, nn.Module):
+    """A method's model-level part; every hook is optional.
 
-    `prepare_inputs` gets the forward's keyword arguments and returns new ones; for generation the core
-    prepends the original `input_ids` to the output when the adapter replaced them by `inputs_embeds`.
+    * `rewrites_inputs` + `prepare_inputs`: change the forward's keyword arguments (virtual tokens). For
+      generation the core prepends the original `input_ids` to the output when they were replaced.
+    * `finish_outputs`: change the model's outputs, e.g. add a regulariser to `outputs.loss` in training.
+    * `exports`: names of methods that `PeftModel` exposes while the adapter is active
+      (`model.update_and_allocate(step)` calls this module's `update_and_allocate`).
+    * `layer_adapters`: set by the core after injection, module name -> this adapter's `LayerAdapter`s.
     """
 
+    rewrites_inputs: ClassVar[bool] = False
+    exports: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_adapters: dict[str, LayerAdapter] = {}
+
     def prepare_inputs(self, inputs: dict[str, Any], model: nn.Module, task_type: Any) -> dict[str, Any]:
-        raise NotImplementedError
+        return inputs
+
+    def finish_outputs(self, outputs: Any) -> Any:
+        return outputs
 
 
 # ---- mixed batches ---------------------------------------------------------------------------------
@@ -142,6 +212,7 @@ class TunedLayer(AdapterHolder):
         self.adapters = nn.ModuleDict()
         self.merged_adapters: list[str] = []
         self._live: list[LayerAdapter] = []
+        self._input_live: list[LayerAdapter] = []
 
     @property
     def wrapped(self) -> nn.Module:
@@ -152,6 +223,7 @@ class TunedLayer(AdapterHolder):
 
     def _refresh(self) -> None:
         self._live = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
+        self._input_live = [a for a in self._live if a.transforms_input]
 
     def set_active(self, names: list[str]) -> None:
         super().set_active(names)
@@ -183,23 +255,34 @@ class TunedLayer(AdapterHolder):
         self._refresh()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         routing = _ROUTING.get()
         if routing is not None:
-            if self.merged_adapters:
-                raise ValueError(
-                    "Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first."
-                )
-            for name, rows in routing.groups(x.shape[0], x.device):
-                if name in self.adapters:
-                    adapter = self.adapters[name]
-                    rows_out = adapter(x.index_select(0, rows), out.index_select(0, rows), self.base_layer)
-                    out = out.index_copy(0, rows, rows_out)
-            return out
+            return self._forward_rows(routing, x, *args, **kwargs)
+        base_in = x
+        for adapter in self._input_live:
+            base_in = adapter.transform_input(base_in)
+        out = self.base_layer(base_in, *args, **kwargs)
         for adapter in self._live:
             out = adapter(x, out, self.base_layer)
+        return out
+
+    def _forward_rows(self, routing: RowRouting, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row through the adapter named for it: one base call on the whole batch."""
+        if self.merged_adapters:
+            raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        groups = [
+            (self.adapters[n], rows) for n, rows in routing.groups(x.shape[0], x.device) if n in self.adapters
+        ]
+        base_in = x
+        for adapter, rows in groups:
+            if adapter.transforms_input:
+                base_in = base_in.index_copy(0, rows, adapter.transform_input(x.index_select(0, rows)))
+        out = self.base_layer(base_in, *args, **kwargs)
+        for adapter, rows in groups:
+            rows_out = adapter(x.index_select(0, rows), out.index_select(0, rows), self.base_layer)
+            out = out.index_copy(0, rows, rows_out)
         return out
 
 

@@ -30,7 +30,7 @@ from .layer import (
     route_rows,
 )
 from .registry import method_for
-from .serialization import adapter_tensors, load_adapter_weights, load_config, read_weights, save_adapter
+from .serialization import adapter_parameters, load_adapter_weights, load_config, read_weights, save_adapter
 from .targeting import find_targets, in_modules_to_save
 
 
@@ -103,8 +103,11 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("_modules", "base_model"):
+            if name in ("_modules", "base_model", "model_adapters", "_active"):
                 raise
+            for adapter_name in self._active:  # model-wide operations a method exports (update_and_allocate)
+                if adapter_name in self.model_adapters and name in self.model_adapters[adapter_name].exports:
+                    return getattr(self.model_adapters[adapter_name], name)
             return getattr(self.base_model.model, name)
 
     # ---- what is in the model ----------------------------------------------------------------
@@ -168,6 +171,7 @@ class PeftModel(nn.Module):
                 _replace_module(model, name, module)
             module.add(adapter_name, adapter)
         if model_adapter is not None:
+            model_adapter.layer_adapters = dict(layer_adapters)
             self.model_adapters[adapter_name] = model_adapter
         self._wrap_modules_to_save(adapter_name, config.modules_to_save)
         self.base_parameter_names[adapter_name] = [
@@ -227,7 +231,7 @@ class PeftModel(nn.Module):
         trains: dict[int, bool] = {}
         for name, config in self.peft_config.items():
             active = name in self._active and not config.inference_mode
-            for _, tensor in adapter_tensors(self, name).values():
+            for tensor in adapter_parameters(self, name):
                 # a base tensor several adapters train in place (bias="all") trains if any of them does
                 tensors[id(tensor)] = tensor
                 trains[id(tensor)] = trains.get(id(tensor), False) or active
@@ -276,8 +280,12 @@ class PeftModel(nn.Module):
             holder.set_active(remaining)
         self._update_trainable()
 
+    def _input_side(self, names: list[str]) -> list[str]:
+        """Those of `names` whose model adapter rewrites the inputs (virtual tokens)."""
+        return [n for n in names if n in self.model_adapters and self.model_adapters[n].rewrites_inputs]
+
     def _check_mergeable(self, names: list[str]) -> None:
-        inputs_only = [n for n in names if n in self.model_adapters]
+        inputs_only = self._input_side(names)
         if inputs_only:
             raise NotMergeableError(
                 f"Adapter(s) {inputs_only} change the model's inputs rather than its weights, so there is "
@@ -370,7 +378,7 @@ class PeftModel(nn.Module):
         ]
 
     def _prepare_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        adapters = self._active_model_adapters()
+        adapters = [(a, c) for a, c in self._active_model_adapters() if a.rewrites_inputs]
         if not adapters:
             return args, kwargs
         if len(args) > 1:
@@ -386,7 +394,7 @@ class PeftModel(nn.Module):
     def _routing(self, adapter_names: list[str] | None):
         if adapter_names is not None:
             self._check_names(list(adapter_names), allow_base=True)
-            inputs_only = [n for n in adapter_names if n in self.model_adapters]
+            inputs_only = self._input_side(list(adapter_names))
             if inputs_only:
                 raise ValueError(
                     f"adapter_names mixes adapters row by row through their layers; {inputs_only} change the "
@@ -398,7 +406,10 @@ class PeftModel(nn.Module):
         """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per row."""
         args, kwargs = self._prepare_inputs(args, kwargs)
         with self._routing(adapter_names):
-            return self.get_base_model()(*args, **kwargs)
+            outputs = self.get_base_model()(*args, **kwargs)
+        for adapter, _ in self._active_model_adapters():
+            outputs = adapter.finish_outputs(outputs)
+        return outputs
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's `generate`, with the active adapters (or one per row)."""
@@ -567,8 +578,13 @@ def inject_adapter_in_model(
 ) -> nn.Module:
     """Put an adapter's layers into `model` in place, for libraries that manage the model themselves.
 
-    The adapter is active and trainable; model-level adapters (virtual tokens) need a `PeftModel`."""
+    The adapter is active and trainable. Methods with a model-level part (virtual tokens, loss terms,
+    model-wide steps) need the `PeftModel` wrapper."""
     peft_model = PeftModel(model, peft_config, adapter_name)
     if peft_model.model_adapters:
-        raise ValueError(f"{peft_config.peft_type} changes the model's inputs; use get_peft_model instead.")
+        peft_model.delete_adapter(adapter_name)
+        raise ValueError(
+            f"{peft_config.peft_type} has a model-level part (inputs, loss terms or model-wide steps) that "
+            "only a PeftModel runs; use get_peft_model instead."
+        )
     return model

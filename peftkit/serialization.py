@@ -1,12 +1,12 @@
 """Adapter files: `adapter_config.json` + `adapter_model.safetensors`, in Hugging Face peft's layout.
 
-On disk a weight's key is its name inside the `PeftModel` with the adapter name taken out:
-  base_model.model.<layer>.adapters.<name>.lora_A.weight  ->  base_model.model.<layer>.lora_A.weight
-  base_model.model.<head>.modules_to_save.<name>.weight  ->  base_model.model.<head>.weight
-  model_adapters.<name>.prompt_embeddings                ->  prompt_embeddings
-Base-model parameters an adapter trains in place keep their full name. For an adapter that changes the
-inputs (a model adapter: virtual tokens) Hugging Face peft holds the model one level higher, so its heads
-are written `base_model.<head>.weight`.
+An adapter's tensors live in "owner" modules, each written under an on-disk prefix:
+  a layer adapter    base_model.model.<layer>.adapters.<name>  ->  base_model.model.<layer>.lora_A.weight
+  a trained head     base_model.model.<head>.modules_to_save.<name>  ->  base_model.model.<head>.weight
+  a model adapter    model_adapters.<name>  ->  prompt_embeddings  (no prefix)
+An owner writes its state_dict unless its method stores weights differently (`SavedState`). Base-model
+parameters an adapter trains in place keep their full name. For adapters that rewrite the inputs (virtual
+tokens) Hugging Face peft holds the model one level higher, so their heads are written `base_model.<head>.`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save
+from torch import nn
 
 from .config import CONFIG_NAME, PeftConfig, atomic_write
+from .layer import ModulesToSave, SavedState, TunedLayer, copy_strict
 from .registry import method_by_type
 
 if TYPE_CHECKING:
@@ -28,28 +30,44 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def adapter_tensors(peft_model: PeftModel, name: str) -> dict[str, tuple[str, torch.Tensor]]:
-    """Everything adapter `name` owns: on-disk key -> (key inside the model, tensor)."""
-    layer_mark, head_mark = f".adapters.{name}.", f".modules_to_save.{name}."
-    model_prefix = f"model_adapters.{name}."
-    base_params = set(peft_model.base_parameter_names.get(name, ()))
-    inputs_only = name in peft_model.model_adapters
-    owned = {}
-    for key, tensor in peft_model.state_dict(keep_vars=True).items():
-        if layer_mark in key:
-            disk = key.replace(layer_mark, ".", 1)
-        elif head_mark in key:
-            disk = key.replace(head_mark, ".", 1)
-            if inputs_only:
-                disk = disk.replace("base_model.model.", "base_model.", 1)
-        elif key.startswith(model_prefix):
-            disk = key[len(model_prefix) :]
-        elif key in base_params:
-            disk = key
-        else:
-            continue
-        owned[disk] = (key, tensor)
-    return owned
+def owners(peft_model: PeftModel, name: str) -> list[tuple[str, nn.Module]]:
+    """(on-disk prefix, module) for every module holding adapter `name`'s own tensors."""
+    found = []
+    model_adapter = peft_model.model_adapters[name] if name in peft_model.model_adapters else None  # noqa: SIM401
+    head_root = "base_model." if getattr(model_adapter, "rewrites_inputs", False) else "base_model.model."
+    for path, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, TunedLayer) and name in module.adapters:
+            found.append((f"base_model.model.{path}.", module.adapters[name]))
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            found.append((f"{head_root}{path}.", module.modules_to_save[name]))
+    if model_adapter is not None:
+        found.append(("", model_adapter))
+    return found
+
+
+def _saved_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return module.saved_state() if isinstance(module, SavedState) else dict(module.state_dict(keep_vars=True))
+
+
+def adapter_tensors(peft_model: PeftModel, name: str) -> dict[str, torch.Tensor]:
+    """Everything adapter `name` writes to disk, by on-disk key."""
+    tensors = {
+        prefix + key: t
+        for prefix, owner in owners(peft_model, name)
+        for key, t in _saved_state(owner).items()
+    }
+    everything = peft_model.state_dict(keep_vars=True)
+    tensors.update({key: everything[key] for key in peft_model.base_parameter_names.get(name, ())})
+    return tensors
+
+
+def adapter_parameters(peft_model: PeftModel, name: str) -> list[nn.Parameter]:
+    """The parameters adapter `name` trains: its owners' and the base parameters it selected."""
+    params = [p for _, owner in owners(peft_model, name) for p in owner.parameters()]
+    everything = dict(peft_model.named_parameters(remove_duplicate=False))
+    return params + [
+        everything[key] for key in peft_model.base_parameter_names.get(name, ()) if key in everything
+    ]
 
 
 def save_adapter(peft_model: PeftModel, name: str, directory: str) -> None:
@@ -58,7 +76,7 @@ def save_adapter(peft_model: PeftModel, name: str, directory: str) -> None:
     Both files are serialised before either is written, and each is replaced atomically, so a failure
     leaves the previous adapter in place."""
     owned = adapter_tensors(peft_model, name)
-    tensors = {disk: t.detach().to("cpu").contiguous().clone() for disk, (_, t) in owned.items()}
+    tensors = {disk: t.detach().to("cpu").contiguous().clone() for disk, t in owned.items()}
     weights, config = save(tensors, metadata={"format": "pt"}), peft_model.peft_config[name].to_json()
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), weights)
@@ -97,7 +115,7 @@ def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.
     raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory!r}.")
 
 
-def _without_head_copies(weights: dict[str, torch.Tensor], owned: dict) -> dict[str, torch.Tensor]:
+def _without_head_copies(weights: dict[str, torch.Tensor], heads: list[str]) -> dict[str, torch.Tensor]:
     """Drop the second copy of a trained head's bias that Hugging Face peft writes with bias="all".
 
     peft then saves `<head>.modules_to_save.bias` beside `<head>.bias`, the same values twice, and ignores
@@ -105,39 +123,53 @@ def _without_head_copies(weights: dict[str, torch.Tensor], owned: dict) -> dict[
 
     def is_copy(key: str) -> bool:
         plain = key.replace(".modules_to_save.", ".", 1)
-        return plain != key and plain in owned and plain in weights
+        return plain != key and plain in weights and any(plain.startswith(h) for h in heads)
 
     return {k: v for k, v in weights.items() if not is_copy(k)}
 
 
 def load_adapter_weights(peft_model: PeftModel, name: str, weights: dict[str, torch.Tensor]) -> None:
-    """Copy saved weights into adapter `name`, refusing missing, unknown or misshapen tensors."""
-    owned = adapter_tensors(peft_model, name)
+    """Hand each saved tensor to the owner module or base parameter it belongs to, strictly.
+
+    A key the model itself has is a base parameter the adapter trained in place; any other key goes to
+    the owner with the longest matching prefix (the model adapter's empty prefix takes the rest). Every
+    owner must find its tensors, and base parameters are copied last, after every owner accepted its own."""
+    found = sorted(owners(peft_model, name), key=lambda owner: -len(owner[0]))
+    heads = [prefix for prefix, owner in found if not isinstance(owner, SavedState)]
     everything = peft_model.state_dict(keep_vars=True)
-    weights = _without_head_copies(weights, owned)
-    missing = sorted(set(owned) - set(weights))
-    unknown = sorted(k for k in weights if k not in owned and k not in everything)
-    if missing or unknown:
+    base: dict[str, torch.Tensor] = {}
+    by_owner: list[dict[str, torch.Tensor]] = [{} for _ in found]
+    unknown = []
+    for key, value in _without_head_copies(weights, heads).items():
+        if key in everything:
+            base[key] = value
+            continue
+        index = next((i for i, (prefix, _) in enumerate(found) if key.startswith(prefix)), None)
+        if index is None:
+            unknown.append(key)
+        else:
+            by_owner[index][key[len(found[index][0]) :]] = value
+    empty = [  # owners that write tensors but found none in the file
+        prefix or type(owner).__name__
+        for (prefix, owner), got in zip(found, by_owner, strict=True)
+        if not got and _saved_state(owner)
+    ]
+    if unknown or empty:
         problems = []
-        if missing:
-            problems.append(f"{len(missing)} weights this config expects are absent (e.g. {missing[:3]})")
+        if empty:
+            problems.append(f"it has no weights for {len(empty)} adapted modules (e.g. {empty[:3]})")
         if unknown:
-            problems.append(f"{len(unknown)} weights match no module of this model (e.g. {unknown[:3]})")
+            problems.append(
+                f"{len(unknown)} of its weights match no module here (e.g. {sorted(unknown)[:3]})"
+            )
         raise ValueError(
             f"Adapter {name!r} does not fit this model: {'; '.join(problems)}. Load it onto the base model "
             "it was trained on, with the adapter_config.json saved beside it."
         )
-    pairs = [
-        (owned[disk][1] if disk in owned else everything[disk], disk, value)
-        for disk, value in weights.items()
-    ]
-    for target, disk, value in pairs:
-        if target.shape != value.shape:
-            raise ValueError(
-                f"Adapter {name!r}: {disk} has shape {tuple(value.shape)} in the file but "
-                f"{tuple(target.shape)} in the model. The config (r, rank_pattern, num_virtual_tokens, ...) "
-                "or the base model differs from the one the adapter was saved with."
-            )
-    with torch.no_grad():
-        for target, _, value in pairs:
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
+    for (prefix, owner), tensors in zip(found, by_owner, strict=True):
+        where = f"Adapter {name!r}: {prefix}"
+        if isinstance(owner, SavedState):
+            owner.load_saved(tensors, where)
+        else:
+            copy_strict(dict(owner.state_dict(keep_vars=True)), tensors, where)
+    copy_strict({key: everything[key] for key in base}, base, f"Adapter {name!r}: ")

@@ -117,7 +117,7 @@ def test_shape_mismatch_on_load(tmp_path):
         ValueError,
         match=r"Adapter 'default': base_model\.model\.model\.layers\.0\.self_attn\.q_proj"
         r"\.lora_A\.weight has shape \(4, 32\) in the file but \(8, 32\) in the model\. "
-        r"The config \(r, rank_pattern",
+        r"The config \(rank, number of virtual tokens",
     ):
         PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
 
@@ -146,13 +146,13 @@ def test_missing_and_unknown_weights(tmp_path):
     save_file({k: v for k, v in weights.items() if k != missing_key}, weights_file)
     with pytest.raises(
         ValueError,
-        match=r"Adapter 'default' does not fit this model: 1 weights this config expects are "
-        r"absent \(e\.g\. \['base_model\.model\.model\.layers\.1\.self_attn\.v_proj\.lora_B",
+        match=r"Adapter 'default' does not fit this model: the file lacks 1 weights it needs "
+        r"\(e\.g\. \['base_model\.model\.model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight'\]\)",
     ):
         PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
     save_file({**weights, "base_model.model.nowhere.lora_A.weight": torch.zeros(2)}, weights_file)
     with pytest.raises(
-        ValueError, match=r"1 weights match no module of this model \(e\.g\. \['base_model\.model\.nowhere"
+        ValueError, match=r"1 of its weights match no module here \(e\.g\. \['base_model\.model\.nowhere"
     ):
         PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
 
@@ -224,11 +224,9 @@ def test_reference_feature_off_loads_silently(tmp_path, recwarn):
 
 def test_wrong_peft_type(tmp_path):
     saved_lora(tmp_path)
-    edit_config(tmp_path, peft_type="IA3")
+    edit_config(tmp_path, peft_type="NOT_A_METHOD")
     with pytest.raises(
-        ValueError,
-        match=r"peft_type 'IA3' is not a method peftkit knows; known: \['BITFIT', 'LORA', "
-        r"'PROMPT_TUNING'\]",
+        ValueError, match=r"peft_type 'NOT_A_METHOD' is not a method peftkit knows; known: \[.*'LORA'.*\]"
     ):
         PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
 
@@ -300,7 +298,7 @@ def test_adapter_names_with_an_input_adapter_is_refused(input_ids):
 
 def test_inject_refuses_input_adapters():
     with pytest.raises(
-        ValueError, match="PROMPT_TUNING changes the model's inputs; use get_peft_model instead"
+        ValueError, match="PROMPT_TUNING has a model-level part .* use get_peft_model instead"
     ):
         from peftkit import inject_adapter_in_model
 

@@ -72,6 +72,8 @@ class PromptTuningConfig(PeftConfig):
 class PromptEmbedding(ModelAdapter):
     """The virtual tokens P ∈ R^{n×d}, prepended to every sequence: inputs_embeds ← [P; E[x]]."""
 
+    rewrites_inputs = True
+
     def __init__(self, num_virtual_tokens: int, token_dim: int) -> None:
         super().__init__()
         self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, token_dim))
