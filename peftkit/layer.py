@@ -100,8 +100,9 @@ class LayerAdapter(SavedState, nn.Module):
 class ModelAdapter(SavedState, nn.Module):
     """A method's model-level part; every hook is optional.
 
-    * `rewrites_inputs` + `prepare_inputs`: change the forward's keyword arguments (virtual tokens). For
-      generation the core prepends the original `input_ids` to the output when they were replaced.
+    * `rewrites_inputs` + `prepare_inputs`: change the forward's keyword arguments (virtual tokens);
+      `prepare_generation_inputs` does it for `generate`. When generation ran from `inputs_embeds` of a
+      decoder-only model, the core prepends the original `input_ids` to the output.
     * `finish_outputs`: change the model's outputs, e.g. add a regulariser to `outputs.loss` in training.
     * `exports`: names of methods that `PeftModel` exposes while the adapter is active
       (`model.update_and_allocate(step)` calls this module's `update_and_allocate`).
@@ -117,6 +118,12 @@ class ModelAdapter(SavedState, nn.Module):
 
     def prepare_inputs(self, inputs: dict[str, Any], model: nn.Module, task_type: Any) -> dict[str, Any]:
         return inputs
+
+    def prepare_generation_inputs(
+        self, inputs: dict[str, Any], model: nn.Module, task_type: Any
+    ) -> dict[str, Any]:
+        """The keyword arguments for `generate`; by default the same rewrite as for a forward."""
+        return self.prepare_inputs(inputs, model, task_type)
 
     def finish_outputs(self, outputs: Any) -> Any:
         return outputs

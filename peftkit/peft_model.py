@@ -377,7 +377,9 @@ class PeftModel(nn.Module):
             (self.model_adapters[n], self.peft_config[n]) for n in self._active if n in self.model_adapters
         ]
 
-    def _prepare_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def _prepare_inputs(
+        self, args: tuple, kwargs: dict[str, Any], generation: bool = False
+    ) -> tuple[tuple, dict[str, Any]]:
         adapters = [(a, c) for a, c in self._active_model_adapters() if a.rewrites_inputs]
         if not adapters:
             return args, kwargs
@@ -388,7 +390,8 @@ class PeftModel(nn.Module):
         if args:
             kwargs = {"input_ids": args[0], **kwargs}
         for adapter, config in adapters:
-            kwargs = adapter.prepare_inputs(kwargs, self.get_base_model(), config.task_type)
+            prepare = adapter.prepare_generation_inputs if generation else adapter.prepare_inputs
+            kwargs = prepare(kwargs, self.get_base_model(), config.task_type)
         return (), kwargs
 
     def _routing(self, adapter_names: list[str] | None):
@@ -414,7 +417,7 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's `generate`, with the active adapters (or one per row)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        args, kwargs = self._prepare_inputs(args, kwargs)
+        args, kwargs = self._prepare_inputs(args, kwargs, generation=True)
         with self._routing(adapter_names):
             output = self.get_base_model().generate(*args, **kwargs)
         replaced_ids = input_ids is not None and "input_ids" not in kwargs and not args
