@@ -2,7 +2,20 @@
 
 from .config import PeftConfig, TaskType
 from .layer import LayerAdapter, ModelAdapter, NotMergeableError
-from .methods import BitFitConfig, LoraConfig, PromptTuningConfig, PromptTuningInit
+from .methods import (
+    AdaLoraConfig,
+    AdapterConfig,
+    BitFitConfig,
+    BottleneckConfig,
+    DiffPruningConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
@@ -21,7 +34,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AdaLoraConfig",
+    "AdapterConfig",
     "BitFitConfig",
+    "BottleneckConfig",
+    "DiffPruningConfig",
+    "IA3Config",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
     "LayerAdapter",
     "LoraConfig",
     "Method",

@@ -217,6 +217,7 @@ class TunedLayer(AdapterHolder):
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
+        self.training = self.adapters.training = base_layer.training
         self.merged_adapters: list[str] = []
         self._live: list[LayerAdapter] = []
         self._input_live: list[LayerAdapter] = []
@@ -300,6 +301,7 @@ class ModulesToSave(AdapterHolder):
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
+        self.training = self.modules_to_save.training = original_module.training
 
     @property
     def wrapped(self) -> nn.Module:

@@ -87,6 +87,8 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
         self._mirror_forward_signature()
+        # wrapping does not switch between train and eval mode
+        self.training = self.base_model.training = self.model_adapters.training = model.training
 
     def _mirror_forward_signature(self) -> None:
         """Show the wrapped model's forward arguments (plus `adapter_names`) to tools that read them:
@@ -161,8 +163,12 @@ class PeftModel(nn.Module):
             module = model.get_submodule(name)
             base = module.base_layer if isinstance(module, TunedLayer) else module
             adapter = method.layer_adapter(base, name, config)
-            layer_adapters[name] = adapter.to(**_placement(base, autocast_adapter_dtype))
+            layer_adapters[name] = adapter.to(**_placement(base, autocast_adapter_dtype)).train(
+                model.training
+            )
         model_adapter = method.model_adapter(model, config)
+        if model_adapter is not None:
+            model_adapter.train(model.training)
 
         for name, adapter in layer_adapters.items():
             module = model.get_submodule(name)
@@ -303,8 +309,13 @@ class PeftModel(nn.Module):
         saved = []
         if safe_merge:
             saved = [(p, p.detach().clone()) for layer in layers for p in layer.base_layer.parameters()]
-        for layer in layers:
-            layer.merge(names)
+        try:
+            for layer in layers:
+                layer.merge(names)
+        except Exception:  # one adapter that cannot merge leaves no layer merged
+            for layer in layers:
+                layer.unmerge(names)
+            raise
         if safe_merge and not all(torch.isfinite(p).all() for p, _ in saved):
             for layer in layers:
                 layer.unmerge(names)

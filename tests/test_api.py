@@ -60,3 +60,15 @@ def test_trainer_keeps_the_model_columns_and_trains_only_the_adapter(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed and all(".adapters.default.lora_" in n for n in changed)
     assert len(changed) == 8  # lora_A and lora_B of q_proj and v_proj in both layers
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_wrapping_keeps_the_models_train_or_eval_mode(training):
+    base = tiny_llama().train(training)
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"], lora_dropout=0.5))
+    modes = {m.training for m in model.modules()}
+    assert modes == {training}
+    x = torch.tensor([[5, 6, 7]])
+    if not training:  # dropout is off, so the output is deterministic
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, model(x).logits, atol=0, rtol=0)

@@ -384,3 +384,19 @@ def test_attribute_passthrough():
     assert model.config.model_type == "llama"
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     assert q.in_features == 32 and q.weight is q.base_layer.weight
+
+
+def test_a_failed_merge_leaves_no_layer_merged(input_ids):
+    """If the last layer's adapter refuses to merge, the layers merged before it are rolled back."""
+    from peftkit import NotMergeableError
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    last_v = model.get_base_model().model.layers[1].self_attn.v_proj
+    last_v.adapters["default"].merge = lambda base_layer: (_ for _ in ()).throw(NotMergeableError("no"))
+    with pytest.raises(NotMergeableError):
+        model.merge_adapter()
+    assert all(not layer.merged_adapters for layer in model.modules() if isinstance(layer, TunedLayer))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, weights[name], atol=1e-6, rtol=0)

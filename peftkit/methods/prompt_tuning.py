@@ -69,14 +69,17 @@ class PromptTuningConfig(PeftConfig):
             )
 
 
-class PromptEmbedding(ModelAdapter):
-    """The virtual tokens P ∈ R^{n×d}, prepended to every sequence: inputs_embeds ← [P; E[x]]."""
+class VirtualTokens(ModelAdapter):
+    """n virtual-token embeddings P ∈ R^{n×d} prepended to every sequence: inputs_embeds ← [P; E[x]].
+
+    Shared by the methods that learn a soft prompt; each says how it makes P (`prompts`). The attention
+    mask grows by n ones, token_type_ids by n zeros and causal-LM labels by n ignored positions."""
 
     rewrites_inputs = True
 
-    def __init__(self, num_virtual_tokens: int, token_dim: int) -> None:
-        super().__init__()
-        self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, token_dim))
+    def prompts(self) -> torch.Tensor:
+        """P, shape (num_virtual_tokens, token_dim)."""
+        raise NotImplementedError
 
     def prepare_inputs(self, inputs: dict[str, Any], model: nn.Module, task_type: Any) -> dict[str, Any]:
         inputs = dict(inputs)
@@ -84,9 +87,9 @@ class PromptEmbedding(ModelAdapter):
         embeds = inputs.pop("inputs_embeds", None)
         if embeds is None:
             embeds = model.get_input_embeddings()(input_ids)
-        batch, n = embeds.shape[0], self.prompt_embeddings.shape[0]
-        prompts = self.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        inputs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+        prompt = self.prompts()
+        batch, n = embeds.shape[0], prompt.shape[0]
+        inputs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
         if inputs.get("attention_mask") is not None:
             mask = inputs["attention_mask"]
             inputs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
@@ -103,18 +106,39 @@ class PromptEmbedding(ModelAdapter):
         return inputs
 
 
-def _model_dims(model: nn.Module) -> dict[str, int | None]:
-    """token_dim, num_layers and num_attention_heads read off a transformers config."""
+class PromptEmbedding(VirtualTokens):
+    """The virtual tokens P ∈ R^{n×d} themselves are the trained parameters."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int) -> None:
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, token_dim))
+
+    def prompts(self) -> torch.Tensor:
+        return self.prompt_embeddings
+
+
+def complete_prompt_config(model: nn.Module, config: PeftConfig, method: str) -> None:
+    """Check that virtual tokens support the config's task, and fill in the model's dimensions
+    (token_dim, num_layers, num_attention_heads, num_transformer_submodules) that the config leaves None."""
+    if config.task_type not in SUPPORTED_TASKS:
+        raise ValueError(
+            f"{method} in peftkit supports task_type {[t.value for t in SUPPORTED_TASKS if t]}; "
+            f"got {config.task_type.value}."
+        )
     cfg = getattr(model, "config", None)
 
     def first(*names: str) -> int | None:
         return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
 
-    return {
+    dims = {
         "token_dim": model.get_input_embeddings().embedding_dim,
         "num_layers": first("num_hidden_layers", "num_layers", "n_layer"),
         "num_attention_heads": first("num_attention_heads", "n_head", "num_heads"),
+        "num_transformer_submodules": 1,
     }
+    for key, value in dims.items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
 
 
 @register_method
@@ -122,16 +146,7 @@ class PromptTuning(Method):
     config_class = PromptTuningConfig
 
     def model_adapter(self, model: nn.Module, config: PromptTuningConfig) -> ModelAdapter:
-        if config.task_type not in SUPPORTED_TASKS:
-            raise ValueError(
-                f"Prompt tuning in peftkit supports task_type {[t.value for t in SUPPORTED_TASKS if t]}; "
-                f"got {config.task_type.value}."
-            )
-        for key, value in _model_dims(model).items():
-            if getattr(config, key) is None:
-                setattr(config, key, value)
-        if config.num_transformer_submodules is None:
-            config.num_transformer_submodules = 1
+        complete_prompt_config(model, config, "Prompt tuning")
         adapter = PromptEmbedding(config.num_virtual_tokens, config.token_dim)
         embeddings = model.get_input_embeddings()
         adapter.to(embeddings.weight.device)
