@@ -150,14 +150,9 @@ class PeftModel(nn.Module):
         if adapter_name == BASE_ROW or "." in adapter_name:
             raise ValueError(f"{adapter_name!r} cannot name an adapter (reserved or contains '.').")
         model = self.get_base_model()
-        config = self._complete_config(peft_config, model)
-        method = method_for(config)
-        targets = []
-        if method.adapts_layers:
-            defaults = (
-                method.default_targets(model) if getattr(config, "target_modules", None) is None else None
-            )
-            targets = find_targets(model, config, method.supports, defaults)
+        method = method_for(peft_config)
+        config = method.resolve_config(model, self._complete_config(peft_config, model))
+        targets = find_targets(model, config, method.supports) if method.adapts_layers else []
         layer_adapters = {}
         for name in targets:
             module = model.get_submodule(name)

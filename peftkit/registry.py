@@ -30,9 +30,12 @@ class Method:
         """Whether `layer_adapter` can wrap this module (used to filter and explain targeting)."""
         return False
 
-    def default_targets(self, model: nn.Module) -> list[str] | str | None:
-        """Targets to use when the config gives none (None: the method targets no layers)."""
-        return None
+    def resolve_config(self, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        """Fill in what the config leaves to the model: targets by model type, placement, dimensions.
+
+        `config` is already the adapter's own copy (change it in place, or return another); what this
+        returns is what gets saved, so resolved values land in adapter_config.json."""
+        return config
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: PeftConfig) -> LayerAdapter:
         """One adapter's change to one target layer."""

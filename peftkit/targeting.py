@@ -76,6 +76,11 @@ def adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
         yield name, module
 
 
+def model_type(model: nn.Module) -> str | None:
+    """transformers' `model_type` ("llama", "bert", ...), which keys the per-architecture defaults."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output embedding (lm_head) that "all-linear" leaves alone."""
     get_head = getattr(model, "get_output_embeddings", None)
@@ -87,12 +92,9 @@ def find_targets(
     model: nn.Module,
     config: Any,
     supports: Callable[[nn.Module], bool],
-    default_targets: list[str] | str | None = None,
 ) -> list[str]:
     """Names of the modules `config` selects in `model`; an error that lists what exists if none."""
     spec = getattr(config, "target_modules", None)
-    if spec is None:
-        spec = default_targets
     if spec is None:
         raise ValueError(
             f"{type(config).__name__} needs target_modules for {type(model).__name__}: "

@@ -31,7 +31,7 @@ from torch import nn
 from ..config import PeftConfig, check_choice, method_config
 from ..layer import LayerAdapter, ModelAdapter
 from ..registry import register_method
-from ..targeting import is_linear
+from ..targeting import is_linear, model_type
 from .lora import Lora, LoraConfig, LowRankUpdate, _dropout, _weight_oi
 
 # Hugging Face peft's AdaLoRA defaults for configs without target_modules, by transformers `model_type`.
@@ -347,8 +347,10 @@ class AdaLora(Lora):
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module)
 
-    def default_targets(self, model: nn.Module) -> list[str] | str | None:
-        return DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None))
+    def resolve_config(self, model: nn.Module, config: AdaLoraConfig) -> AdaLoraConfig:
+        if config.target_modules is None:  # Hugging Face peft's default for the architecture, if it has one
+            config.target_modules = DEFAULT_TARGETS.get(model_type(model))
+        return config
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: AdaLoraConfig) -> LayerAdapter:
         key = f"{module_name}.lora_E"

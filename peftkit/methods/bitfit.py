@@ -59,13 +59,15 @@ class BitFit(Method):
     def supports(self, module: nn.Module) -> bool:
         return isinstance(getattr(module, "bias", None), nn.Parameter)
 
-    def default_targets(self, model: nn.Module) -> str:
+    def resolve_config(self, model: nn.Module, config: BitFitConfig) -> BitFitConfig:
         if not any(self.supports(m) for m in model.modules()):
             raise ValueError(
                 f"BitFit trains bias terms, but no module of {type(model).__name__} has a bias "
                 "(its layers were built with bias=False). Use a method that adapts weights, such as LoRA."
             )
-        return ".*"
+        if config.target_modules is None:  # every module with a bias
+            config.target_modules = ".*"
+        return config
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: BitFitConfig) -> LayerAdapter:
         return BiasDelta(base_layer)

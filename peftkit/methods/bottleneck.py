@@ -67,9 +67,6 @@ def style_targets(style: str, parallel: bool) -> str:
     return rf"(.*\.)?({'|'.join(sites)})"
 
 
-STYLE_TARGETS = tuple(style_targets(style, parallel) for style in STYLES for parallel in (False, True))
-
-
 @method_config
 class AdapterConfig(PeftConfig):
     """Bottleneck adapters of width `adapter_size`, serial or `parallel`, placed by `style`.
@@ -122,9 +119,6 @@ class AdapterConfig(PeftConfig):
             raise ValueError(f"AdapterConfig: scaling must be a number, got {self.scaling!r}.")
         check_choice("AdapterConfig", "adapter_act", self.adapter_act, list(ACTIVATIONS))
         check_choice("AdapterConfig", "style", self.style, STYLES)
-        if self.target_modules is None or self.target_modules in STYLE_TARGETS:
-            # filled from the style (again after dataclasses.replace or loading, so a changed style counts)
-            self.target_modules = style_targets(self.style, self.parallel)
 
 
 BottleneckConfig = AdapterConfig
@@ -196,6 +190,11 @@ class BottleneckMethod(Method):
 
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module) or is_ffn_block(module)
+
+    def resolve_config(self, model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+        if config.target_modules is None:  # the style's sites
+            config.target_modules = style_targets(config.style, config.parallel)
+        return config
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: AdapterConfig) -> LayerAdapter:
         d_in, d_out = features(base_layer)

@@ -300,9 +300,6 @@ class DiffPruning(Method):
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module)
 
-    def default_targets(self, model: nn.Module) -> str:
-        return ALL_LINEAR
-
     def layer_adapter(
         self, base_layer: nn.Module, module_name: str, config: DiffPruningConfig
     ) -> LayerAdapter:

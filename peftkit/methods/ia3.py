@@ -18,7 +18,7 @@ from torch import nn
 from ..config import PeftConfig, method_config
 from ..layer import LayerAdapter
 from ..registry import Method, register_method
-from ..targeting import is_linear, name_matches
+from ..targeting import is_linear, model_type, name_matches
 
 # Hugging Face peft's defaults for configs without target_modules, by transformers `model_type`: the
 # targets, and which of them are feed-forward layers.
@@ -58,10 +58,6 @@ DEFAULT_FEEDFORWARD = {
     ),
     "mixtral": ["w2"],
 }
-# A layer adapter sees its module's name but not the model type. When the model type's defaults are in use,
-# a target is feed-forward if it matches any type's feed-forward default: no type's default attention target
-# matches another type's feed-forward name (tests/methods/test_ia3.py checks), so this picks the same layers.
-ANY_DEFAULT_FEEDFORWARD = sorted({name for names in DEFAULT_FEEDFORWARD.values() for name in names})
 
 
 def _as_list(value: list[str] | str | set | tuple | None) -> list[str] | str | None:
@@ -90,13 +86,6 @@ class IA3Config(PeftConfig):
         self.target_modules = _as_list(self.target_modules)
         self.exclude_modules = _as_list(self.exclude_modules)
         self.feedforward_modules = _as_list(self.feedforward_modules)
-        if self.target_modules is not None and self.feedforward_modules is None:
-            raise ValueError(
-                f"IA3Config: with target_modules={self.target_modules!r}, also say which targets are "
-                "feed-forward layers (their input is rescaled, the others' output): e.g. "
-                "feedforward_modules=['down_proj'] for Llama, or [] for none. Or give neither, to use the "
-                "model type's defaults."
-            )
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             stray = [m for m in self.feedforward_modules if m not in self.target_modules]
             if stray:
@@ -199,11 +188,22 @@ class IA3(Method):
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module) or isinstance(module, (nn.Conv2d, nn.Conv3d))
 
-    def default_targets(self, model: nn.Module) -> list[str] | None:
-        return DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None))
+    def resolve_config(self, model: nn.Module, config: IA3Config) -> IA3Config:
+        """Hugging Face peft's defaults for the architecture: the targets, and which are feed-forward."""
+        kind = model_type(model)
+        if config.target_modules is None:
+            config.target_modules = DEFAULT_TARGETS.get(kind)
+        if config.target_modules is not None and config.feedforward_modules is None:
+            if kind not in DEFAULT_FEEDFORWARD:
+                raise ValueError(
+                    "IA3Config: say which targets are feed-forward layers (their input is rescaled, the "
+                    "others' output), e.g. feedforward_modules=['down_proj'], or [] for none; there is no "
+                    f"default for {type(model).__name__} (model_type {kind!r})."
+                )
+            config.feedforward_modules = DEFAULT_FEEDFORWARD[kind]
+        return config
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: IA3Config) -> LayerAdapter:
-        spec = config.feedforward_modules
-        feedforward = name_matches(ANY_DEFAULT_FEEDFORWARD if spec is None else spec, module_name)
+        feedforward = name_matches(config.feedforward_modules, module_name)
         kind = IA3Linear if is_linear(base_layer) else IA3Conv
         return kind(base_layer, feedforward, config.init_ia3_weights)

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import PeftConfig, check_choice, method_config
 from ..layer import LayerAdapter, is_adapter_parameter
 from ..registry import Method, register_method
-from ..targeting import is_linear, pattern_value
+from ..targeting import is_linear, model_type, pattern_value
 
 # Hugging Face peft's defaults for configs without target_modules, by transformers `model_type`.
 DEFAULT_TARGETS = {
@@ -399,8 +399,10 @@ class Lora(Method):
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))
 
-    def default_targets(self, model: nn.Module) -> list[str] | None:
-        return DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None))
+    def resolve_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
+        if config.target_modules is None:  # Hugging Face peft's default for the architecture, if it has one
+            config.target_modules = DEFAULT_TARGETS.get(model_type(model))
+        return config
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: LoraConfig) -> LayerAdapter:
         r, scaling = lora_scaling(config, module_name)

@@ -416,22 +416,24 @@ def test_lora_on_attention_and_adapters_on_the_ffn(tmp_path, parallel):
 # ---- the config ----------------------------------------------------------------------------------
 
 
-def test_config_fills_targets_from_the_style_and_follows_changes():
+def test_targets_come_from_the_style_when_wrapping():
+    """The config keeps target_modules=None; wrapping resolves it from the style, and that gets saved."""
     config = BottleneckConfig(style="pfeiffer")
-    assert (
-        config.target_modules
-        == r"(.*\.)?(mlp\.down_proj|mlp\.c_proj|layer\.\d+\.output\.dense|DenseReluDense\.wo)"
+    assert config.target_modules is None
+    pfeiffer = get_peft_model(tiny_llama(), config).peft_config["default"]
+    assert pfeiffer.target_modules == (
+        r"(.*\.)?(mlp\.down_proj|mlp\.c_proj|layer\.\d+\.output\.dense|DenseReluDense\.wo)"
     )
-    houlsby = dataclasses.replace(config, style="houlsby", parallel=True)
-    assert houlsby.target_modules == (
+    houlsby = get_peft_model(tiny_llama(), dataclasses.replace(config, style="houlsby", parallel=True))
+    assert houlsby.peft_config["default"].target_modules == (
         r"(.*\.)?(mlp|layer\.\d+\.output\.dense|DenseReluDense|"
         r"self_attn\.o_proj|attn\.c_proj|attention\.output\.dense|SelfAttention\.o)"
     )
-    explicit = dataclasses.replace(houlsby, target_modules=("up_proj", "down_proj"))
-    assert explicit.target_modules == ["down_proj", "up_proj"]
-    assert dataclasses.replace(explicit, style="pfeiffer").target_modules == ["down_proj", "up_proj"]
-    assert AdapterConfig.from_dict(json.loads(houlsby.to_json())) == dataclasses.replace(
-        houlsby, inference_mode=True
+    explicit = get_peft_model(tiny_llama(), BottleneckConfig(target_modules=("up_proj", "down_proj")))
+    assert explicit.peft_config["default"].target_modules == ["down_proj", "up_proj"]
+    saved = houlsby.peft_config["default"]
+    assert AdapterConfig.from_dict(json.loads(saved.to_json())) == dataclasses.replace(
+        saved, inference_mode=True
     )
     defaults = ("adapter_size", "adapter_act", "adapter_dropout", "parallel", "scaling")
     assert [getattr(config, k) for k in defaults] == [64, "relu", 0.0, False, 1.0]

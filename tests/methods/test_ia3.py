@@ -13,14 +13,12 @@ from transformers.pytorch_utils import Conv1D
 from peftkit import PeftModel, get_peft_model
 from peftkit.layer import TunedLayer, is_adapter_parameter
 from peftkit.methods.ia3 import (
-    ANY_DEFAULT_FEEDFORWARD,
     DEFAULT_FEEDFORWARD,
     DEFAULT_TARGETS,
     IA3Config,
     IA3Conv,
     IA3Linear,
 )
-from peftkit.targeting import name_matches
 
 LAYERS = ["lin", "conv1d", "conv"]
 
@@ -194,18 +192,11 @@ def test_model_type_defaults():
     }
 
 
-def test_union_of_feedforward_defaults_marks_exactly_each_types_feedforward_targets():
-    """With the defaults in use, a layer adapter decides feed-forward-ness from the union of every type's
-    feed-forward names; that must agree with the model type's own list for every default target, whatever
-    path precedes the target's name."""
+def test_default_tables_are_consistent():
+    """Every architecture with default targets has feed-forward defaults, and those are among its targets."""
     assert set(DEFAULT_TARGETS) == set(DEFAULT_FEEDFORWARD)
     for model_type, targets in DEFAULT_TARGETS.items():
-        assert set(DEFAULT_FEEDFORWARD[model_type]) <= set(targets)
-        for target in targets:
-            for name in (target, f"layers.0.{target}", f"mlp.{target}", f"output.{target}"):
-                expected = name_matches(DEFAULT_FEEDFORWARD[model_type], name)
-                assert name_matches(ANY_DEFAULT_FEEDFORWARD, name) == expected, (model_type, name)
-            assert expected == (target in DEFAULT_FEEDFORWARD[model_type])
+        assert set(DEFAULT_FEEDFORWARD[model_type]) <= set(targets), model_type
 
 
 def test_conv3d_and_layer_kinds():
@@ -229,13 +220,20 @@ def test_feedforward_modules_must_be_targets():
     IA3Config(target_modules=r".*\.(k_proj|down_proj)", feedforward_modules=["down_proj"])
 
 
-def test_targets_without_feedforward_modules_are_refused():
+def test_targets_without_feedforward_modules_take_the_model_types_default():
+    model = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"]))
+    config = model.peft_config["default"]
+    assert config.feedforward_modules == DEFAULT_FEEDFORWARD["llama"] == ["down_proj"]
+    assert vector(model.get_base_model().model.layers[0].mlp.down_proj).shape == (1, 64)  # input side
+
+
+def test_feedforward_modules_needed_where_there_is_no_default():
     with pytest.raises(
         ValueError,
-        match=r"IA3Config: with target_modules=\['k_proj'\], also say which targets are feed-forward layers "
-        r".*feedforward_modules=\['down_proj'\] for Llama, or \[\] for none",
+        match=r"IA3Config: say which targets are feed-forward layers .* feedforward_modules=\['down_proj'\], "
+        r"or \[\] for none; there is no default for Sequential \(model_type None\)",
     ):
-        IA3Config(target_modules=["k_proj"])
+        PeftModel(nn.Sequential(nn.Linear(3, 3)), IA3Config(target_modules=["0"]))
 
 
 def test_sets_become_sorted_lists_and_unknown_options_are_named():
