@@ -13,6 +13,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
@@ -20,11 +22,11 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 VOCAB = 100
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -54,7 +56,11 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+def tiny_bert(
+    seed: int = 0, num_labels: int = 3, head: type = BertForSequenceClassification
+) -> torch.nn.Module:
+    """A BERT with a task head: sequence classification by default, or BertForTokenClassification,
+    BertForQuestionAnswering (num_labels=2) and the like."""
     torch.manual_seed(seed)
     config = BertConfig(
         hidden_size=32,
@@ -67,7 +73,24 @@ def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassificati
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(config).eval()
+    return head(config).eval()
+
+
+def tiny_t5(seed: int = 0, num_layers: int = 2) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=num_layers,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(config).eval()
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}

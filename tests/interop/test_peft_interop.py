@@ -15,8 +15,9 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import VOCAB, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from safetensors.torch import load_file
+from transformers import BertForQuestionAnswering, BertForTokenClassification
 
 import peftkit
 
@@ -353,46 +354,6 @@ def test_same_files(case, tmp_path):
 # ---- the other task types ---------------------------------------------------------------------------
 
 
-def tiny_t5() -> torch.nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5ForConditionalGeneration(config).eval()
-
-
-def tiny_bert_head(kind: str):
-    from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
-
-    def build():
-        torch.manual_seed(0)
-        config = BertConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            num_labels=2,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        return {"token": BertForTokenClassification, "qa": BertForQuestionAnswering}[kind](config).eval()
-
-    return build
-
-
 def outputs(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """The model's scores as one tensor, whatever the head (QA has start and end logits)."""
     with torch.no_grad():
@@ -401,8 +362,18 @@ def outputs(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 
 
 TASK_CASES = {
-    "token-cls": (tiny_bert_head("token"), "TOKEN_CLS", BERT_QV, "base_model.model.classifier.weight"),
-    "question-ans": (tiny_bert_head("qa"), "QUESTION_ANS", BERT_QV, "base_model.model.qa_outputs.weight"),
+    "token-cls": (
+        lambda: tiny_bert(num_labels=2, head=BertForTokenClassification),
+        "TOKEN_CLS",
+        BERT_QV,
+        "base_model.model.classifier.weight",
+    ),
+    "question-ans": (
+        lambda: tiny_bert(num_labels=2, head=BertForQuestionAnswering),
+        "QUESTION_ANS",
+        BERT_QV,
+        "base_model.model.qa_outputs.weight",
+    ),
     "seq2seq": (tiny_t5, "SEQ_2_SEQ_LM", ["q", "v"], None),
 }
 

@@ -8,8 +8,8 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
-from test_peft_interop import ATOL, MIN_EFFECT, RTOL, batch, greedy, saved_config, saved_weights, tiny_t5
+from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from test_peft_interop import ATOL, MIN_EFFECT, RTOL, batch, greedy, saved_config, saved_weights
 
 import peftkit
 from peftkit.methods.prefix_tuning import PrefixTuningConfig

@@ -9,10 +9,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapters, snapshot, tiny_bert, tiny_gpt2, tiny_llama, train_and_check_frozen
+from conftest import (
+    randomize_adapters,
+    snapshot,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+    train_and_check_frozen,
+)
 from safetensors.torch import load_file
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
 
 from peftkit import LoraConfig, NotMergeableError, PeftModel, get_peft_model
 from peftkit.layer import TunedLayer
@@ -84,15 +91,6 @@ def hooked_reference(kind: str, model: PeftModel, name: str = "default", referen
     if kind == "bert":  # SEQ_CLS trains its own copy of the head
         reference.classifier.load_state_dict(wrapped.classifier.modules_to_save[name].state_dict())
     return reference
-
-
-def tiny_t5() -> T5ForConditionalGeneration:
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    return T5ForConditionalGeneration(config).eval()
 
 
 def wrapped_names(model: PeftModel) -> list[str]:

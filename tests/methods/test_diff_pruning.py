@@ -11,7 +11,6 @@ import torch
 from conftest import VOCAB, snapshot, tiny_bert, tiny_gpt2, tiny_llama, train_and_check_frozen
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import NotMergeableError, PeftModel, get_peft_model
@@ -54,23 +53,6 @@ def randomize(model: PeftModel, seed: int, name: str = "default") -> None:
 
 def eval_gate(log_alpha: torch.Tensor, low: float = -1.5, high: float = 1.5) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(log_alpha) * (high - low) + low, 0, 1)
-
-
-def wide_llama() -> LlamaForCausalLM:
-    """A Llama with 128-wide layers: big enough that the file's header no longer dominates its size."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 class Toy(nn.Module):
@@ -330,7 +312,7 @@ def test_sequence_classification_trains_and_saves_the_head_in_full(tmp_path):
 
 
 def test_file_is_a_small_fraction_of_the_targeted_weights(tmp_path):
-    model = get_peft_model(wide_llama(), DiffPruningConfig(density=0.005))
+    model = get_peft_model(tiny_llama(hidden_size=128), DiffPruningConfig(density=0.005))
     weights = llama_weights(hidden=128, intermediate=256, kv=64)
     assert model.get_nb_trainable_parameters()[0] == 2 * sum(weights)
     randomize(model, seed=7)

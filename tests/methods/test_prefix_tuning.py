@@ -8,14 +8,12 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, snapshot, tiny_bert, tiny_gpt2, tiny_llama, train_and_check_frozen
+from conftest import VOCAB, snapshot, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, train_and_check_frozen
 from transformers import (
     DistilBertConfig,
     DistilBertForSequenceClassification,
     DynamicCache,
     EncoderDecoderCache,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 from peftkit import NotMergeableError, PeftModel, get_peft_model
@@ -25,23 +23,6 @@ from peftkit.serialization import load_config
 N = 3  # virtual tokens
 # (key/value heads, head_dim) of the tiny models: Llama has 4 query heads but 2 key/value heads
 DIMS = {"llama": (2, 8), "gpt2": (4, 8), "bert": (4, 8)}
-
-
-def tiny_t5(num_layers: int = 2) -> T5ForConditionalGeneration:
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=num_layers,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5ForConditionalGeneration(config).eval()
 
 
 def padded_batch():
@@ -198,7 +179,7 @@ def test_seq_cls_output_is_the_base_model_with_the_prefix_as_its_cache():
 
 @pytest.mark.parametrize("num_layers", [2, 3])
 def test_seq2seq_prefix_reaches_the_decoder_self_attention_in_peft_layout(num_layers):
-    base, model = tiny_t5(num_layers), wrap(lambda: tiny_t5(num_layers), "SEQ_2_SEQ_LM")
+    base, model = tiny_t5(num_layers=num_layers), wrap(lambda: tiny_t5(num_layers=num_layers), "SEQ_2_SEQ_LM")
     assert model.peft_config["default"].num_transformer_submodules == 2
     input_ids, mask = padded_batch()
     decoder_ids = input_ids[:, :4]
