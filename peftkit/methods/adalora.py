@@ -32,7 +32,7 @@ from ..config import PeftConfig, check_choice, method_config
 from ..layer import LayerAdapter, ModelAdapter
 from ..registry import register_method
 from ..targeting import is_linear, model_type
-from .lora import Lora, LoraConfig, LowRankUpdate, _dropout, _weight_oi
+from .lora import Lora, LoraConfig, LowRankUpdate, dropout_or_identity, weight_out_in
 
 # Hugging Face peft's AdaLoRA defaults for configs without target_modules, by transformers `model_type`.
 DEFAULT_TARGETS: dict[str, list[str] | str] = {
@@ -169,11 +169,11 @@ class SVDLinear(LowRankUpdate):
 
     def __init__(self, base_layer: nn.Module, rank: int, config: AdaLoraConfig, pattern_key: str) -> None:
         super().__init__()
-        out_features, in_features = _weight_oi(base_layer).shape
+        out_features, in_features = weight_out_in(base_layer).shape
         self.lora_A = nn.Parameter(torch.randn(rank, in_features))  # Q: right singular vectors
         self.lora_E = nn.Parameter(torch.randn(rank, 1))  # Λ: singular values
         self.lora_B = nn.Parameter(torch.randn(out_features, rank))  # P: left singular vectors
-        self.lora_dropout = _dropout(config.lora_dropout)
+        self.lora_dropout = dropout_or_identity(config.lora_dropout)
         self.scaling = config.lora_alpha
         self.ranknum = config.init_r + SCALE_EPS
         self.transposed = type(base_layer).__name__ == "Conv1D"

@@ -133,11 +133,11 @@ def lora_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.use_rslora else r)
 
 
-def _dropout(p: float) -> nn.Module:
+def dropout_or_identity(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-def _weight_oi(base_layer: nn.Module) -> torch.Tensor:
+def weight_out_in(base_layer: nn.Module) -> torch.Tensor:
     """The base weight as (out, in): transformers' Conv1D stores it as (in, out)."""
     return base_layer.weight.T if type(base_layer).__name__ == "Conv1D" else base_layer.weight
 
@@ -195,8 +195,8 @@ class LoraLinear(LowRankUpdate):
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
-        out_features, in_features = _weight_oi(base_layer).shape
-        self.lora_dropout = _dropout(dropout)
+        out_features, in_features = weight_out_in(base_layer).shape
+        self.lora_dropout = dropout_or_identity(dropout)
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
         self.scaling = scaling
@@ -212,7 +212,7 @@ class LoraLinear(LowRankUpdate):
             nn.init.zeros_(self.lora_B.weight)
             return
         r = self.lora_A.out_features
-        weight = _weight_oi(base_layer).detach().float()
+        weight = weight_out_in(base_layer).detach().float()
         if init == "olora":
             q, rr = torch.linalg.qr(weight)
             a, b = rr[:r], q[:, :r]
@@ -227,7 +227,7 @@ class LoraLinear(LowRankUpdate):
             a, b = torch.diag(s.sqrt()) @ vh, u @ torch.diag(s.sqrt())
         self.lora_A.weight.data.copy_(a)
         self.lora_B.weight.data.copy_(b)
-        _weight_oi(base_layer).data.copy_(weight - self.scaling * b @ a)  # the residual, in W's own dtype
+        weight_out_in(base_layer).data.copy_(weight - self.scaling * b @ a)  # the residual, in W's own dtype
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
@@ -250,7 +250,7 @@ class DoraLinear(DoraMagnitude, LoraLinear):
         self.add_magnitude((self.lora_B.out_features,))
 
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
-        weight = _weight_oi(base_layer).detach()
+        weight = weight_out_in(base_layer).detach()
         return torch.linalg.norm(weight + self.delta_weight_oi().detach().to(weight.dtype), dim=1)
 
     def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
@@ -262,7 +262,7 @@ class DoraLinear(DoraMagnitude, LoraLinear):
         if isinstance(self.lora_dropout, nn.Identity):
             plain = base_out if base_layer.bias is None else base_out - base_layer.bias
         else:
-            plain = F.linear(x, _weight_oi(base_layer))
+            plain = F.linear(x, weight_out_in(base_layer))
         update = (scale - 1) * plain + scale * self.lora_B(self.lora_A(x)) * self.scaling
         return base_out + update.to(base_out.dtype)
 
@@ -333,7 +333,7 @@ class LoraConv2d(LowRankUpdate):
         super().__init__()
         if base_layer.groups != 1:
             raise ValueError("LoRA on grouped Conv2d layers is not supported; target other layers.")
-        self.lora_dropout = _dropout(dropout)
+        self.lora_dropout = dropout_or_identity(dropout)
         self.lora_A = nn.Conv2d(
             base_layer.in_channels,
             r,
