@@ -28,6 +28,7 @@ from .peft_model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .quantization import prepare_model_for_kbit_training, quantize
 from .registry import Method, register_method
 
 __version__ = "0.1.0"
@@ -61,5 +62,7 @@ __all__ = [
     "TaskType",
     "get_peft_model",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
+    "quantize",
     "register_method",
 ]

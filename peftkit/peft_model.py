@@ -29,6 +29,7 @@ from .layer import (
     TunedLayer,
     route_rows,
 )
+from .quantization import dequantize_model
 from .registry import method_for
 from .serialization import adapter_parameters, load_adapter_weights, load_config, read_weights, save_adapter
 from .targeting import find_targets, in_modules_to_save
@@ -344,9 +345,19 @@ class PeftModel(nn.Module):
                 holder.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
-        """Merge adapters into the base weights and return the plain model, without any wrapper."""
+        """Merge adapters into the base weights and return the plain model, without any wrapper.
+
+        Into a quantized (bitsandbytes) base the merge is requantized, one rounding to its 4-bit / 8-bit grid;
+        with `dequantize=True` every quantized layer first becomes an nn.Linear holding its dequantized
+        weight, so the merge is exact and the model returned is full precision."""
+        if dequantize:
+            dequantize_model(self.get_base_model())
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self.unload()
 

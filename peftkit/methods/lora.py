@@ -4,6 +4,8 @@ LoRA (Hu et al., 2021):     h = W x + s·B A x,   A ∈ R^{r×in}, B ∈ R^{out�
 DoRA (Liu et al., 2024):    h = m ⊙ (W x + s·B A x) / ‖W + s·B A‖,  the column norm treated as a constant
 PiSSA (Meng et al., 2024):  B A ← the top-r singular triplets of W,  W ← W − s·B A
 OLoRA (Büyükakyüz, 2024):   B A ← the first r columns/rows of W's QR decomposition,  W ← W − s·B A
+QLoRA (Dettmers et al., 2023): any of these on a bitsandbytes 4-bit (NF4/FP4) or 8-bit base layer; W is read
+dequantized where the math needs it (DoRA's norm, merging), and a merge requantizes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from ..config import PeftConfig, check_choice, method_config
 from ..layer import LayerAdapter, is_adapter_parameter
+from ..quantization import dequantized_weight, guard_cpu_packing, is_quantized_linear, replace_weight
 from ..registry import Method, register_method
 from ..targeting import is_linear, model_type, pattern_value
 
@@ -137,22 +140,43 @@ def dropout_or_identity(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def layer_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight in the layer's own layout; a quantized layer's dequantized (a float32 copy)."""
+    return dequantized_weight(base_layer) if is_quantized_linear(base_layer) else base_layer.weight
+
+
+def set_layer_weight(base_layer: nn.Module, weight: torch.Tensor) -> None:
+    """Store a new base weight (the layer's own layout): in place in the layer's dtype, or requantized into
+    a quantized layer (one rounding; see peftkit/quantization.py)."""
+    if is_quantized_linear(base_layer):
+        replace_weight(base_layer, weight.detach())
+    else:
+        base_layer.weight.data.copy_(weight.detach())
+
+
 def weight_out_in(base_layer: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in): transformers' Conv1D stores it as (in, out)."""
-    return base_layer.weight.T if type(base_layer).__name__ == "Conv1D" else base_layer.weight
+    """The base weight as (out, in): transformers' Conv1D stores it as (in, out); see `layer_weight`."""
+    weight = layer_weight(base_layer)
+    return weight.T if type(base_layer).__name__ == "Conv1D" else weight
 
 
 class LowRankUpdate(LayerAdapter):
-    """What every LoRA layer shares: merging adds s·B A, in the base weight's layout, to W."""
+    """What every LoRA layer shares: merging adds s·B A, in the base weight's layout, to W.
+
+    On a quantized base, merging dequantizes W, adds and requantizes, and unmerging subtracts and
+    requantizes: each costs one rounding to the 4-bit (8-bit) grid, so unmerging gives W back only to
+    within those roundings."""
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
     def merge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+        weight = layer_weight(base_layer)
+        set_layer_weight(base_layer, weight + self.delta_weight().to(weight.dtype))
 
     def unmerge(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+        weight = layer_weight(base_layer)
+        set_layer_weight(base_layer, weight - self.delta_weight().to(weight.dtype))
 
 
 class DoraMagnitude:
@@ -180,22 +204,25 @@ class DoraMagnitude:
     def merge(self, base_layer: nn.Module) -> None:
         self.merged_norm = self.weight_norm(base_layer)
         scale = self.as_weight_layout((self.lora_magnitude_vector / self.merged_norm).detach())
-        weight = base_layer.weight.data
-        base_layer.weight.data = ((weight + self.delta_weight().to(weight.dtype)) * scale).to(weight.dtype)
+        weight = layer_weight(base_layer).detach()
+        set_layer_weight(base_layer, (weight + self.delta_weight().to(weight.dtype)) * scale)
 
     def unmerge(self, base_layer: nn.Module) -> None:
         scale = self.as_weight_layout((self.lora_magnitude_vector / self.merged_norm).detach())
-        weight = base_layer.weight.data
-        base_layer.weight.data = (weight / scale - self.delta_weight().to(weight.dtype)).to(weight.dtype)
+        weight = layer_weight(base_layer).detach()
+        set_layer_weight(base_layer, weight / scale - self.delta_weight().to(weight.dtype))
         self.merged_norm = None
 
 
 class LoraLinear(LowRankUpdate):
-    """h = W x + s·B A dropout(x), for nn.Linear and Conv1D."""
+    """h = W x + s·B A dropout(x), for nn.Linear (bitsandbytes' 4-bit and 8-bit layers too) and Conv1D."""
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
-        out_features, in_features = weight_out_in(base_layer).shape
+        if isinstance(base_layer, nn.Linear):  # read the sizes, not the (possibly quantized) weight
+            out_features, in_features = base_layer.out_features, base_layer.in_features
+        else:
+            out_features, in_features = weight_out_in(base_layer).shape
         self.lora_dropout = dropout_or_identity(dropout)
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -227,7 +254,8 @@ class LoraLinear(LowRankUpdate):
             a, b = torch.diag(s.sqrt()) @ vh, u @ torch.diag(s.sqrt())
         self.lora_A.weight.data.copy_(a)
         self.lora_B.weight.data.copy_(b)
-        weight_out_in(base_layer).data.copy_(weight - self.scaling * b @ a)  # the residual, in W's own dtype
+        residual = weight - self.scaling * b @ a
+        set_layer_weight(base_layer, residual.T if self.transposed else residual)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
@@ -406,6 +434,7 @@ class Lora(Method):
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: LoraConfig) -> LayerAdapter:
         r, scaling = lora_scaling(config, module_name)
+        guard_cpu_packing(base_layer)  # a quantized base must not drop gradients after an eval pass
         if is_linear(base_layer):
             kind = DoraLinear if config.use_dora else LoraLinear
         elif isinstance(base_layer, nn.Embedding):
