@@ -7,13 +7,15 @@
 * `ModelAdapter` is the protocol for a method's model-level part: virtual tokens that rewrite the inputs,
   a loss term added to the outputs, or model-wide operations (rank allocation) exposed on `PeftModel`.
 
-Mixed batches (one adapter per row) are routed here, in one place, for every wrapper.
+Mixed batches (one adapter per row) are routed here, in one place, for every wrapper: each adapter runs
+on its own rows, or a layer's adapters of one class run together through that class's `forward_mixed`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, ClassVar
 
@@ -96,6 +98,24 @@ class LayerAdapter(SavedState, nn.Module):
         """Undo `merge`."""
         raise NotMergeableError(f"{type(self).__name__} cannot be unmerged.")
 
+    @classmethod
+    def forward_mixed(
+        cls,
+        adapters: list[LayerAdapter],
+        row_index: list[int],
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        base_layer: nn.Module,
+    ) -> torch.Tensor | None:
+        """Optional: `forward` for a batch whose rows use different adapters of this class, in one go.
+
+        Row i uses `adapters[row_index[i]]`, or none where `row_index[i]` is -1 (its output stays
+        `base_out[i]`). The result must equal running `forward` on each adapter's rows. Return None to
+        have the core do exactly that, one adapter at a time (the default). A subclass that overrides
+        `forward` is given the loop until it overrides this too. `row_index` is a Python list, so that
+        picking each row's weights needs no index kernel and no device sync."""
+        return None
+
 
 class ModelAdapter(SavedState, nn.Module):
     """A method's model-level part; every hook is optional.
@@ -138,24 +158,37 @@ class RowRouting:
     def __init__(self, adapter_names: list[str]):
         self.names = list(adapter_names)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+        self._row_index: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+
+    def row_names(self, batch_size: int) -> list[str]:
+        """The adapter name of each row; a batch k times longer (beam search) repeats each name k times."""
+        if batch_size % len(self.names):
+            raise ValueError(
+                f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
+                "give one adapter name per row."
+            )
+        return [name for name in self.names for _ in range(batch_size // len(self.names))]
 
     def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """(adapter name, row indices); a batch k times longer (beam search) repeats each name k times."""
+        """(adapter name, its row indices), in the order the names first appear; base rows left out."""
         key = (batch_size, device)
         if key not in self._groups:
-            if batch_size % len(self.names):
-                raise ValueError(
-                    f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
-                    "give one adapter name per row."
-                )
-            repeat = batch_size // len(self.names)
             rows: dict[str, list[int]] = {}
-            for i, name in enumerate(self.names):
-                rows.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+            for i, name in enumerate(self.row_names(batch_size)):
+                rows.setdefault(name, []).append(i)
             self._groups[key] = [
                 (name, torch.tensor(idx, device=device)) for name, idx in rows.items() if name != BASE_ROW
             ]
         return self._groups[key]
+
+    def row_index(self, batch_size: int, names: tuple[str, ...]) -> list[int]:
+        """For each row, the position of its adapter in `names`, or -1 where it is not there (a base row,
+        or an adapter that this layer lacks)."""
+        key = (batch_size, names)
+        if key not in self._row_index:
+            position = {name: i for i, name in enumerate(names)}
+            self._row_index[key] = [position.get(name, -1) for name in self.row_names(batch_size)]
+        return self._row_index[key]
 
 
 _ROUTING: ContextVar[RowRouting | None] = ContextVar("peftkit_row_routing", default=None)
@@ -177,6 +210,16 @@ def route_rows(adapter_names: list[str] | None):
 def is_adapter_parameter(name: str) -> bool:
     """Whether a name from `model.named_parameters()` belongs to a wrapper, not to the base model."""
     return any(mark in name for mark in (".adapters.", ".modules_to_save.", ".original_module."))
+
+
+def mixed_form(kind: type[LayerAdapter]) -> Callable[..., torch.Tensor | None] | None:
+    """`kind.forward_mixed`, or None where a subclass overrode `forward` below it (it would be stale)."""
+    for klass in kind.__mro__:
+        if "forward_mixed" in vars(klass):
+            return kind.forward_mixed
+        if "forward" in vars(klass):
+            return None
+    return None
 
 
 # ---- wrappers ----------------------------------------------------------------------------------------
@@ -281,17 +324,40 @@ class TunedLayer(AdapterHolder):
         if self.merged_adapters:
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
         groups = [
-            (self.adapters[n], rows) for n, rows in routing.groups(x.shape[0], x.device) if n in self.adapters
+            (n, self.adapters[n], rows)
+            for n, rows in routing.groups(x.shape[0], x.device)
+            if n in self.adapters
         ]
         base_in = x
-        for adapter, rows in groups:
+        for _, adapter, rows in groups:
             if adapter.transforms_input:
                 base_in = base_in.index_copy(0, rows, adapter.transform_input(x.index_select(0, rows)))
         out = self.base_layer(base_in, *args, **kwargs)
-        for adapter, rows in groups:
+        mixed = self._forward_mixed(routing, groups, x, out)
+        if mixed is not None:
+            return mixed
+        for _, adapter, rows in groups:
             rows_out = adapter(x.index_select(0, rows), out.index_select(0, rows), self.base_layer)
             out = out.index_copy(0, rows, rows_out)
         return out
+
+    def _forward_mixed(
+        self,
+        routing: RowRouting,
+        groups: list[tuple[str, LayerAdapter, torch.Tensor]],
+        x: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """All rows in one call of `forward_mixed`, where the adapters share a class that has one."""
+        kinds = {type(adapter) for _, adapter, _ in groups}
+        if (
+            len(kinds) != 1
+            or (kind := kinds.pop()).transforms_input
+            or (forward_mixed := mixed_form(kind)) is None
+        ):
+            return None
+        row_index = routing.row_index(x.shape[0], tuple(name for name, _, _ in groups))
+        return forward_mixed([adapter for _, adapter, _ in groups], row_index, x, out, self.base_layer)
 
 
 class ModulesToSave(AdapterHolder):

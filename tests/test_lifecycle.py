@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import pytest
 import torch
@@ -11,13 +12,15 @@ from torch import nn
 
 from peftkit import (
     BitFitConfig,
+    LayerAdapter,
     LoraConfig,
     PeftModel,
     PromptTuningConfig,
     get_peft_model,
     inject_adapter_in_model,
 )
-from peftkit.layer import ModulesToSave, TunedLayer
+from peftkit.layer import ModulesToSave, RowRouting, TunedLayer, mixed_form, route_rows
+from peftkit.methods.lora import LoraLinear
 
 
 def logits(model, input_ids, **kwargs) -> torch.Tensor:
@@ -277,6 +280,237 @@ def test_generate_with_adapter_names(input_ids):
     with torch.no_grad():
         assert torch.equal(mixed[1], tiny_llama().generate(input_ids=input_ids, **kwargs)[1])
     assert not torch.equal(alone[0], alone[2])
+
+
+# ---- mixed batches in one call (LayerAdapter.forward_mixed; LoRA has it) -------------------------
+
+
+@pytest.fixture
+def batched(monkeypatch) -> list[bool]:
+    """Records each call of LoraLinear.forward_mixed: True when it gave the rows' output, False when it
+    left them to the per-adapter loop."""
+    calls = []
+    original = LoraLinear.forward_mixed.__func__
+
+    def spy(cls, *args):
+        out = original(cls, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(LoraLinear, "forward_mixed", classmethod(spy))
+    return calls
+
+
+def batched_and_loop(run, monkeypatch) -> tuple:
+    """`run()` as it is, then again with LoraLinear's batched form switched off (the per-adapter loop)."""
+    first = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(LoraLinear, "forward_mixed", classmethod(lambda cls, *args: None))
+        return first, run()
+
+
+def many_lora_adapters(base: nn.Module, targets: list[str], n: int) -> PeftModel:
+    """n LoRA adapters "a0".."a{n-1}" with ranks 1..4 and alphas 2..4 cycling, every weight random."""
+    configs = [LoraConfig(r=1 + i % 4, lora_alpha=2 + i % 3, target_modules=targets) for i in range(n)]
+    model = get_peft_model(base, configs[0], adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", configs[i])
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model
+
+
+def test_row_index_gives_each_row_its_adapters_position():
+    routing = RowRouting(["a", "__base__", "b", "c"])
+    assert routing.row_index(4, ("b", "a")) == [1, -1, 0, -1]  # c is not on this layer
+    assert routing.row_index(8, ("a", "b", "c")) == [0, 0, -1, -1, 1, 1, 2, 2]  # beams
+    assert routing.row_index(4, ("b", "a")) is routing.row_index(4, ("b", "a"))  # once per batch
+
+
+def test_forward_mixed_runs_once_for_a_layer_whose_adapters_share_a_class():
+    class Batched(LayerAdapter):
+        calls: ClassVar[list] = []
+
+        def forward(self, x, base_out, base_layer):
+            return base_out + 1
+
+        @classmethod
+        def forward_mixed(cls, adapters, row_index, x, base_out, base_layer):
+            cls.calls.append((len(adapters), row_index))
+            return base_out + torch.tensor([[float(k >= 0)] for k in row_index])
+
+    class SameForward(Batched):
+        pass
+
+    class OtherForward(Batched):
+        def forward(self, x, base_out, base_layer):
+            return base_out + 2
+
+    assert mixed_form(SameForward) is not None and mixed_form(LayerAdapter) is not None
+    assert mixed_form(OtherForward) is None  # its forward_mixed would compute Batched's forward
+    layer = TunedLayer(nn.Linear(4, 3))
+    layer.add("same", SameForward())
+    layer.add("same2", SameForward())
+    layer.add("other", OtherForward())
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        with route_rows(["same2", "__base__", "same"]):
+            torch.testing.assert_close(layer(x) - base, torch.tensor([[1.0] * 3, [0.0] * 3, [1.0] * 3]))
+        assert Batched.calls == [(2, [0, -1, 1])]
+        with route_rows(["other", "same", "__base__"]):  # two classes: the loop
+            torch.testing.assert_close(layer(x) - base, torch.tensor([[2.0] * 3, [1.0] * 3, [0.0] * 3]))
+        assert len(Batched.calls) == 1
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (5, 4, 8)], ids=["2d", "3d"])
+@pytest.mark.parametrize("scalings", [(0.5, 2.0, 1.5), (2.0, 2.0, 2.0)], ids=["own-s", "one-s"])
+def test_lora_mixed_rows_equal_the_written_out_update(shape, scalings, batched):
+    """Row i: W x_i + b + s_k·B_k A_k x_i for its adapter k (ranks 2, 5, 3), W x_i + b for a base row."""
+    torch.manual_seed(0)
+    layer = TunedLayer(nn.Linear(8, 6))
+    for name, r, scaling in zip("abc", (2, 5, 3), scalings, strict=True):
+        adapter = LoraLinear(layer.base_layer, r, scaling, dropout=0.0)
+        nn.init.normal_(adapter.lora_B.weight)
+        layer.add(name, adapter)
+    names = ["b", "__base__", "a", "c", "b"]
+    x = torch.randn(shape)
+    with torch.no_grad(), route_rows(names):
+        out = layer(x)
+    assert batched == [True]
+    with torch.no_grad():
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        for i, name in enumerate(names):
+            expected = x[i] @ W.T + b
+            if name != "__base__":
+                adapter = layer.adapters[name]
+                A, B, s = adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling
+                expected = expected + s * (x[i] @ A.T @ B.T)
+            torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_mixed_rows_over_a_bfloat16_base_match_the_loop(batched, monkeypatch):
+    """float32 adapters on a bfloat16 layer: the update is formed in float32 and added in bfloat16."""
+    torch.manual_seed(0)
+    layer = TunedLayer(nn.Linear(8, 6).to(torch.bfloat16))
+    for name, r in [("a", 2), ("b", 4)]:
+        adapter = LoraLinear(layer.base_layer, r, 2.0, dropout=0.0)
+        nn.init.normal_(adapter.lora_B.weight)
+        layer.add(name, adapter)
+    x = torch.randn(4, 3, 8).to(torch.bfloat16)
+
+    def run():
+        with torch.no_grad(), route_rows(["b", "a", "__base__", "b"]):
+            return layer(x)
+
+    mixed, loop = batched_and_loop(run, monkeypatch)
+    assert batched == [True] and mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed, loop)
+    assert not torch.equal(mixed[0], mixed[1]) and torch.equal(mixed[2], layer.base_layer(x)[2])
+
+
+def test_lora_mixed_batch_of_16_adapters_matches_the_loop(batched, monkeypatch):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = many_lora_adapters(tiny_llama(), targets, 16)
+    names = [f"a{i}" for i in range(16)] + ["__base__"] + [f"a{i}" for i in range(0, 16, 3)]
+    input_ids = torch.randint(3, 100, (len(names), 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed, loop = batched_and_loop(
+            lambda: model(input_ids=input_ids, adapter_names=names).logits, monkeypatch
+        )
+        base = tiny_llama()(input_ids=input_ids).logits
+    assert batched == [True] * 2 * len(targets)  # every layer in one call
+    torch.testing.assert_close(mixed, loop, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[16], base[16], atol=1e-5, rtol=1e-5)
+    assert all(not torch.allclose(mixed[i], base[i], atol=1e-2) for i in range(16))
+    model.set_adapter("a5")
+    with torch.no_grad():
+        torch.testing.assert_close(mixed[5], model(input_ids=input_ids).logits[5], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_mixed_batch_on_gpt2_conv1d_matches_the_loop(batched, monkeypatch):
+    model = many_lora_adapters(tiny_gpt2(), ["c_attn", "c_proj", "c_fc"], 3)
+    names = ["a2", "a0", "__base__", "a1", "a2", "a0"]
+    input_ids = torch.randint(3, 100, (6, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed, loop = batched_and_loop(
+            lambda: model(input_ids=input_ids, adapter_names=names).logits, monkeypatch
+        )
+        alone = rows_alone(model, names, lambda: model(input_ids=input_ids).logits)
+    assert len(batched) == 2 * 4 and all(batched)  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    torch.testing.assert_close(mixed, loop, atol=1e-5, rtol=1e-5)
+    for i in range(6):
+        torch.testing.assert_close(mixed[i], alone[i], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3) and not torch.allclose(
+        mixed[1], mixed[3], atol=1e-3
+    )
+
+
+def test_lora_mixed_batch_gradients_match_the_loop(batched, monkeypatch):
+    """Training mode, no dropout: each adapter's A and B get the gradient of its own rows only."""
+    model = many_lora_adapters(tiny_llama(), ["q_proj", "v_proj", "down_proj"], 4)
+    model.train()
+    params = {n: p.requires_grad_() for n, p in model.named_parameters() if ".lora_" in n}
+    names = ["a2", "a0", "__base__", "a2", "a1"]  # a3 has no row
+    input_ids = torch.randint(3, 100, (5, 6), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=input_ids, labels=input_ids, adapter_names=names).loss.backward()
+        return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    mixed, loop = batched_and_loop(grads, monkeypatch)
+    assert batched == [True] * 2 * 3
+    used = {n for n in params if ".a3." not in n}
+    assert set(mixed) == set(loop) == used
+    for name in used:
+        torch.testing.assert_close(mixed[name], loop[name], atol=1e-5, rtol=1e-4)
+        assert mixed[name].abs().max() > 0, name
+
+
+def test_lora_mixed_batch_with_dropout_in_training_uses_the_loop(batched, monkeypatch):
+    """Each adapter draws its own dropout mask in the loop; the batched form steps aside for it."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], lora_dropout=0.5), "a")
+    model.add_adapter("b", LoraConfig(target_modules=["q_proj"], lora_dropout=0.5))
+    randomize_adapters(model, seed=1)
+    model.set_adapter("a")
+    randomize_adapters(model, seed=2)
+    model.train()
+    input_ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        torch.manual_seed(0)
+        return model(input_ids=input_ids, adapter_names=["b", "a", "b"]).logits.detach()
+
+    first, loop = batched_and_loop(run, monkeypatch)
+    assert batched == [False, False]
+    assert torch.equal(first, loop)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=input_ids, adapter_names=["b", "a", "b"])
+    assert batched[2:] == [True, True]  # eval: no dropout, one call
+
+
+def test_mixed_batch_of_dora_and_lora_adapters(input_ids):
+    """DoRA overrides LoRA's forward, and a layer holding both kinds runs the per-adapter loop."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"]), adapter_name="lora")
+    randomize_adapters(model, seed=1)
+    model.add_adapter("dora", LoraConfig(target_modules=["v_proj", "o_proj"], use_dora=True))
+    model.set_adapter("dora")
+    randomize_adapters(model, seed=2)
+    model.add_adapter("dora2", LoraConfig(target_modules=["v_proj"], use_dora=True))
+    model.set_adapter("dora2")
+    randomize_adapters(model, seed=3)
+    names = ["dora", "lora", "dora2"]
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=names).logits
+        alone = rows_alone(model, names, lambda: model(input_ids=input_ids).logits)
+    for i in range(3):
+        torch.testing.assert_close(mixed[i], alone[i], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)
 
 
 # ---- combining methods ---------------------------------------------------------------------------

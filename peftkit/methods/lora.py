@@ -140,6 +140,14 @@ def dropout_or_identity(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def pad_rank(weight: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """A LoRA weight with zeros appended along its rank axis `dim` (0 for A, 1 for B), up to rank r."""
+    missing = r - weight.shape[dim]
+    if not missing:
+        return weight
+    return F.pad(weight, (0, missing) if dim == 1 else (0, 0, 0, missing))
+
+
 def layer_weight(base_layer: nn.Module) -> torch.Tensor:
     """The base weight in the layer's own layout; a quantized layer's dequantized (a float32 copy)."""
     return dequantized_weight(base_layer) if is_quantized_linear(base_layer) else base_layer.weight
@@ -151,13 +159,33 @@ def set_layer_weight(base_layer: nn.Module, weight: torch.Tensor) -> None:
     if is_quantized_linear(base_layer):
         replace_weight(base_layer, weight.detach())
     else:
-        base_layer.weight.data.copy_(weight.detach())
+        with torch.no_grad():  # not through .data, so that the weight's version counter sees the write
+            base_layer.weight.copy_(weight)
 
 
 def weight_out_in(base_layer: nn.Module) -> torch.Tensor:
     """The base weight as (out, in): transformers' Conv1D stores it as (in, out); see `layer_weight`."""
     weight = layer_weight(base_layer)
     return weight.T if type(base_layer).__name__ == "Conv1D" else weight
+
+
+def tensor_versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """(storage address, version counter) of each tensor: this changes whenever a tensor's values may have.
+
+    In-place writes bump the counter; `.to()` and `.data = ...` move the storage. Writes through `.data`
+    (`w.data.copy_(...)`) bump nothing, so peftkit writes weights with `copy_` under `torch.no_grad()`."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def plus_low_rank(
+    out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """out + s·B A x over the last dimension of `x` and `out`; the product in the adapter's dtype."""
+    ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)  # A x, the batch flattened into rows
+    if out.dtype != lora_B.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
+        return out + (F.linear(ax, lora_B) * scaling).view(out.shape).to(out.dtype)
+    # One kernel for the product, the scaling and the sum: addmm gives out + s·(A x) Bᵀ, row by row.
+    return torch.addmm(out.reshape(-1, out.shape[-1]), ax, lora_B.T, alpha=scaling).view(out.shape)
 
 
 class LowRankUpdate(LayerAdapter):
@@ -189,12 +217,27 @@ class DoraMagnitude:
     def add_magnitude(self, shape: tuple[int, ...]) -> None:
         self.lora_magnitude_vector = nn.Parameter(torch.empty(shape))
         self.register_buffer("merged_norm", None, persistent=False)
+        self.norm_cache: tuple[tuple, torch.Tensor] | None = None  # (what it was computed from, the norm)
 
     def initialise(self, init: bool | str, base_layer: nn.Module) -> None:
         super().initialise(init, base_layer)
         self.lora_magnitude_vector.data.copy_(self.weight_norm(base_layer))
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B)."""
+        return self.lora_A.weight, self.lora_B.weight
+
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """‖W + s·B A‖ (`compute_norm`), computed again only once W, A or B has changed: in eval it is
+        computed once, in training once per optimizer step. An inference-mode result is not reused outside
+        inference mode, where autograd could not save it."""
+        weights = tensor_versions(base_layer.weight, *self.low_rank_factors())
+        key = (weights, torch.is_inference_mode_enabled())
+        if self.norm_cache is None or self.norm_cache[0] != key:
+            self.norm_cache = (key, self.compute_norm(base_layer))
+        return self.norm_cache[1]
+
+    def compute_norm(self, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
     def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
@@ -252,14 +295,55 @@ class LoraLinear(LowRankUpdate):
                 vh = v.T
             s = s / self.scaling
             a, b = torch.diag(s.sqrt()) @ vh, u @ torch.diag(s.sqrt())
-        self.lora_A.weight.data.copy_(a)
-        self.lora_B.weight.data.copy_(b)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
         residual = weight - self.scaling * b @ a
         set_layer_weight(base_layer, residual.T if self.transposed else residual)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        x = x.to(self.lora_A.weight.dtype)
-        return base_out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(base_out.dtype)
+        weight_a = self.lora_A.weight
+        if x.dtype != weight_a.dtype:  # an adapter kept in float32 over a float16/bfloat16 base
+            x = x.to(weight_a.dtype)
+        return plus_low_rank(base_out, self.lora_dropout(x), weight_a, self.lora_B.weight, self.scaling)
+
+    @classmethod
+    def forward_mixed(
+        cls,
+        adapters: list[LayerAdapter],
+        row_index: list[int],
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        base_layer: nn.Module,
+    ) -> torch.Tensor | None:
+        """Row i: h_i = W x_i + s_k·B_k A_k x_i with k = row_index[i], as two matmuls batched over the rows.
+
+        Row i gets its adapter's A and B, zero-padded to the largest rank, or zeros for a base row (-1).
+        Dropout in training is left to the per-adapter loop, which draws each adapter's mask as `forward`."""
+        if any(isinstance(a.lora_dropout, nn.Dropout) and a.lora_dropout.training for a in adapters):
+            return None
+        r = max(a.lora_A.out_features for a in adapters)
+        a_weights = [pad_rank(a.lora_A.weight, r, 0) for a in adapters]
+        b_weights = [pad_rank(a.lora_B.weight, r, 1) for a in adapters]
+        if len({w.dtype for w in a_weights + b_weights}) > 1:
+            return None
+        if -1 in row_index:  # zero weights for base rows, last so that index -1 picks them
+            a_weights.append(torch.zeros_like(a_weights[0]))
+            b_weights.append(torch.zeros_like(b_weights[0]))
+        a_rows = torch.stack([a_weights[k] for k in row_index])  # (batch, r, in)
+        b_rows = torch.stack([b_weights[k] for k in row_index])  # (batch, out, r)
+        x = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+        h = torch.bmm(x, a_rows.transpose(1, 2))  # A x: (batch, tokens, r)
+        scalings = {a.scaling for a in adapters}
+        if len(scalings) == 1:  # one s for every row: the last matmul applies it
+            s = scalings.pop()
+        else:
+            s, row_s = 1.0, [adapters[k].scaling if k >= 0 else 0.0 for k in row_index]
+            h = h * torch.tensor(row_s, dtype=h.dtype, device=h.device).view(-1, 1, 1)
+        out = base_out.reshape(*h.shape[:2], -1)  # (batch, tokens, out)
+        if out.dtype != h.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
+            return (out + (torch.bmm(h, b_rows.transpose(1, 2)) * s).to(out.dtype)).view(base_out.shape)
+        return torch.baddbmm(out, h, b_rows.transpose(1, 2), alpha=s).view(base_out.shape)  # out + s·B A x
 
     def delta_weight_oi(self) -> torch.Tensor:
         """s·B A as (out, in)."""
@@ -277,22 +361,30 @@ class DoraLinear(DoraMagnitude, LoraLinear):
         super().__init__(base_layer, r, scaling, dropout)
         self.add_magnitude((self.lora_B.out_features,))
 
-    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+    def compute_norm(self, base_layer: nn.Module) -> torch.Tensor:
         weight = weight_out_in(base_layer).detach()
-        return torch.linalg.norm(weight + self.delta_weight_oi().detach().to(weight.dtype), dim=1)
+        lora_a, lora_b = (t.detach().to(weight.dtype) for t in self.low_rank_factors())
+        combined = torch.addmm(weight, lora_b, lora_a, alpha=self.scaling)  # W + s·B A in one kernel
+        return torch.linalg.vector_norm(combined, dim=1)
 
     def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
         return scale.unsqueeze(0) if self.transposed else scale.unsqueeze(1)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        scale = self.lora_magnitude_vector / self.weight_norm(base_layer)
+        weight_a = self.lora_A.weight
+        if x.dtype != weight_a.dtype:  # an adapter kept in float32 over a float16/bfloat16 base
+            x = x.to(weight_a.dtype)
+        scale = self.lora_magnitude_vector / self.weight_norm(base_layer)  # m/‖W + s·B A‖
+        bias = base_layer.bias
         if isinstance(self.lora_dropout, nn.Identity):
-            plain = base_out if base_layer.bias is None else base_out - base_layer.bias
-        else:
+            plain, rest = (base_out, None) if bias is None else (base_out - bias, bias)  # W x, and b
+        else:  # as peft: m/‖·‖ rescales W x' for x' = dropout(x), and the rest of base_out stays as it is
+            x = self.lora_dropout(x)
             plain = F.linear(x, weight_out_in(base_layer))
-        update = (scale - 1) * plain + scale * self.lora_B(self.lora_A(x)) * self.scaling
-        return base_out + update.to(base_out.dtype)
+            rest = base_out - plain
+        h = plus_low_rank(plain, x, weight_a, self.lora_B.weight, self.scaling)  # W x + s·B A x
+        out = scale * h if rest is None else torch.addcmul(rest, scale, h)  # (m/‖·‖)·h + b in one kernel
+        return out.to(base_out.dtype)
 
 
 class LoraEmbedding(LowRankUpdate):
@@ -341,9 +433,14 @@ class DoraEmbedding(DoraMagnitude, LoraEmbedding):
         super().__init__(base_layer, r, scaling, dropout)
         self.add_magnitude((base_layer.embedding_dim,))
 
-    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def compute_norm(self, base_layer: nn.Module) -> torch.Tensor:
         weight = base_layer.weight.detach()
-        return torch.linalg.norm(weight + self.delta_weight().detach().to(weight.dtype), dim=0)
+        lora_a, lora_b = (t.detach().to(weight.dtype) for t in self.low_rank_factors())
+        combined = torch.addmm(weight, lora_a.T, lora_b.T, alpha=self.scaling)  # E + s·(B A)ᵀ in one kernel
+        return torch.linalg.vector_norm(combined, dim=0)
 
     def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
         return scale
@@ -400,7 +497,7 @@ class DoraConv2d(DoraMagnitude, LoraConv2d):
         super().__init__(base_layer, r, scaling, dropout)
         self.add_magnitude((1, base_layer.out_channels, 1, 1))
 
-    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+    def compute_norm(self, base_layer: nn.Module) -> torch.Tensor:
         weight = base_layer.weight.detach() + self.delta_weight().detach().to(base_layer.weight.dtype)
         return weight.norm(p=2, dim=(1, 2, 3)).view(1, -1, 1, 1)
 
