@@ -474,12 +474,12 @@ def smollm2_phase(llama: Path, args: argparse.Namespace, checks: Checks) -> dict
         return {"figures": {}}
     base = qlora.load_fp32(folder)
     base.eval()
-    scratch = Path(tempfile.mkdtemp(prefix="peftkit-speed-"))
+    scratch = llama.parent  # the run's temporary directory, removed at the end
     files = {}
     for seed, name in ((6, "default"), (7, "two")):
         maker = wrap("peft", copy.deepcopy(base))
         qlora.randomize_lora_b(maker, seed=seed)
-        files[name] = scratch / name
+        files[name] = scratch / f"smollm2-adapter-{name}"
         maker.save_pretrained(files[name])
         del maker
     module = {"peft": peft, "peftkit": peftkit}
@@ -536,7 +536,7 @@ def smollm2_phase(llama: Path, args: argparse.Namespace, checks: Checks) -> dict
         "set_adapter_vs_peft": versus_figure(times, "set"),
         "merge_vs_peft": versus_figure(times, "merge"),
     }
-    return {"figures": figures}
+    return {"figures": figures, **medians_and_rounds(times)}
 
 
 # ------------------------------------------------------------------------------------------ report
