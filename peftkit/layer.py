@@ -323,11 +323,8 @@ class TunedLayer(AdapterHolder):
         """Each row through the adapter named for it: one base call on the whole batch."""
         if self.merged_adapters:
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
-        groups = [
-            (n, self.adapters[n], rows)
-            for n, rows in routing.groups(x.shape[0], x.device)
-            if n in self.adapters
-        ]
+        adapters = self.adapters
+        groups = [(n, adapters[n], rows) for n, rows in routing.groups(x.shape[0], x.device) if n in adapters]
         base_in = x
         for _, adapter, rows in groups:
             if adapter.transforms_input:

@@ -180,11 +180,17 @@ def tensor_versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
 def plus_low_rank(
     out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """out + s·B A x over the last dimension of `x` and `out`; the product in the adapter's dtype."""
+    """out + s·B A x over the last dimension of `x` and `out`; the product in the adapter's dtype.
+
+    `out` is the base layer's output, which only the adapters read: with no gradient to record (inference),
+    the sum is written into it."""
     ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)  # A x, the batch flattened into rows
     if out.dtype != lora_B.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
         return out + (F.linear(ax, lora_B) * scaling).view(out.shape).to(out.dtype)
     # One kernel for the product, the scaling and the sum: addmm gives out + s·(A x) Bᵀ, row by row.
+    if not torch.is_grad_enabled() and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(ax, lora_B.T, alpha=scaling)
+        return out
     return torch.addmm(out.reshape(-1, out.shape[-1]), ax, lora_B.T, alpha=scaling).view(out.shape)
 
 
@@ -320,13 +326,16 @@ class LoraLinear(LowRankUpdate):
 
         Row i gets its adapter's A and B, zero-padded to the largest rank, or zeros for a base row (-1).
         Dropout in training is left to the per-adapter loop, which draws each adapter's mask as `forward`."""
-        if any(isinstance(a.lora_dropout, nn.Dropout) and a.lora_dropout.training for a in adapters):
+        if any(d.training and isinstance(d, nn.Dropout) for d in [a.lora_dropout for a in adapters]):
             return None
-        r = max(a.lora_A.out_features for a in adapters)
-        a_weights = [pad_rank(a.lora_A.weight, r, 0) for a in adapters]
-        b_weights = [pad_rank(a.lora_B.weight, r, 1) for a in adapters]
+        a_weights = [a.lora_A.weight for a in adapters]
+        b_weights = [a.lora_B.weight for a in adapters]
         if len({w.dtype for w in a_weights + b_weights}) > 1:
             return None
+        r = max(w.shape[0] for w in a_weights)
+        if any(w.shape[0] != r for w in a_weights):
+            a_weights = [pad_rank(w, r, 0) for w in a_weights]
+            b_weights = [pad_rank(w, r, 1) for w in b_weights]
         if -1 in row_index:  # zero weights for base rows, last so that index -1 picks them
             a_weights.append(torch.zeros_like(a_weights[0]))
             b_weights.append(torch.zeros_like(b_weights[0]))
@@ -340,10 +349,13 @@ class LoraLinear(LowRankUpdate):
         else:
             s, row_s = 1.0, [adapters[k].scaling if k >= 0 else 0.0 for k in row_index]
             h = h * torch.tensor(row_s, dtype=h.dtype, device=h.device).view(-1, 1, 1)
-        out = base_out.reshape(*h.shape[:2], -1)  # (batch, tokens, out)
+        out, b_t = base_out.reshape(*h.shape[:2], -1), b_rows.transpose(1, 2)  # (batch, tokens, out), Bᵀ
         if out.dtype != h.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
-            return (out + (torch.bmm(h, b_rows.transpose(1, 2)) * s).to(out.dtype)).view(base_out.shape)
-        return torch.baddbmm(out, h, b_rows.transpose(1, 2), alpha=s).view(base_out.shape)  # out + s·B A x
+            return (out + (torch.bmm(h, b_t) * s).to(out.dtype)).view(base_out.shape)
+        if torch.is_grad_enabled():
+            return torch.baddbmm(out, h, b_t, alpha=s).view(base_out.shape)  # out + s·B A x
+        # Without autograd, add into the base layer's fresh output: one pass less over it.
+        return out.baddbmm_(h, b_t, alpha=s).view(base_out.shape)
 
     def delta_weight_oi(self) -> torch.Tensor:
         """s·B A as (out, in)."""

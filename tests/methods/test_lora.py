@@ -176,6 +176,143 @@ def test_dora_gradients_treat_the_norm_as_a_constant():
     assert toy.lin.base_layer.weight.grad is None
 
 
+# ---- fused kernels and DoRA's cached norm --------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (2, 3, 6), "transposed"])
+def test_lora_linear_forward_for_any_input_layout(shape, grad):
+    """h = W x + b + s B A x for unbatched, batched and non-contiguous x; without gradients the sum is
+    written into the base output in place, with them it is a new tensor."""
+    ref, toy = wrap_toy(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False)
+    x = torch.randn(6, 4).T if shape == "transposed" else torch.randn(shape)
+    A, B = lin_A_B(adapter(toy.lin))
+    with torch.no_grad():
+        expected = ref.lin(x) + 2 * (x @ A.T @ B.T)
+    with torch.set_grad_enabled(grad):
+        out = toy.lin(x)
+    assert out.shape == expected.shape and out.requires_grad == grad
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_over_a_bfloat16_base_adds_the_float32_update_in_bfloat16():
+    ref, toy = wrap_toy(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False)
+    ref.to(torch.bfloat16)
+    toy.lin.base_layer.to(torch.bfloat16)
+    x = torch.randn(4, 6).to(torch.bfloat16)
+    A, B = lin_A_B(adapter(toy.lin))
+    assert A.dtype == torch.float32
+    with torch.no_grad():
+        expected = ref.lin(x) + (2 * (x.float() @ A.T @ B.T)).to(torch.bfloat16)
+        out = toy.lin(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+def dora_expected(layer: TunedLayer, x: torch.Tensor) -> torch.Tensor:
+    """m ⊙ (W + s B A) x / ‖W + s B A‖ + b, per output row, from the layer's tensors as they are now."""
+    a = adapter(layer)
+    A, B = lin_A_B(a)
+    weight = layer.base_layer.weight.detach()
+    combined = (weight.T if isinstance(layer.base_layer, Conv1D) else weight) + a.scaling * B @ A
+    m = a.lora_magnitude_vector.detach()
+    return m * (x @ combined.T) / torch.linalg.norm(combined, dim=1) + layer.base_layer.bias.detach()
+
+
+def count_norms(monkeypatch, kind: type) -> list:
+    calls = []
+    compute = kind.compute_norm
+    monkeypatch.setattr(kind, "compute_norm", lambda self, base: calls.append(1) or compute(self, base))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["lin", "conv1d"])
+def test_dora_norm_is_computed_again_exactly_when_w_a_or_b_change(name, monkeypatch):
+    ref, toy = wrap_toy(use_dora=True, target_modules=[name], init_lora_weights=False)
+    layer, x = getattr(toy, name), toy_inputs()[name]
+    a = adapter(layer)
+    calls = count_norms(monkeypatch, type(a))
+    toy.eval()
+
+    def check(computed: int) -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dora_expected(layer, x), atol=1e-5, rtol=1e-5)
+        assert len(calls) == computed
+
+    check(0)  # the norm computed when the adapter was made
+    check(0)
+    with torch.no_grad():
+        a.lora_magnitude_vector.mul_(1.5)  # m is not part of the norm
+    check(0)
+    toy.train()
+    optimizer = torch.optim.AdamW(a.parameters(), lr=0.1)
+    layer(x).pow(2).sum().backward()
+    optimizer.step()  # A, B and m move
+    assert len(calls) == 0
+    check(1)
+    with torch.no_grad():
+        a.lora_B.weight.add_(0.1)
+    check(2)
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(1.1)  # the frozen base changes in place
+    check(3)
+    layer.base_layer.load_state_dict(ref.get_submodule(name).state_dict())
+    check(4)
+    layer.base_layer.weight.data = layer.base_layer.weight.data * 0.9  # new storage
+    check(5)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge(["default"])
+        torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+        layer.unmerge()  # merging reused the norm; unmerging wrote W back
+    check(6)
+
+
+def test_dora_norm_from_inference_mode_is_not_saved_for_backward(monkeypatch):
+    ref, toy = wrap_toy(use_dora=True, target_modules=["lin"], init_lora_weights=False)
+    a, x = adapter(toy.lin), toy_inputs()["lin"]
+    calls = count_norms(monkeypatch, type(a))
+    with torch.inference_mode():
+        toy.lin(x)
+        toy.lin(x)
+    assert len(calls) == 1
+    toy.lin(x).sum().backward()  # would raise if the inference-mode norm were saved for backward
+    assert len(calls) == 2 and a.lora_magnitude_vector.grad is not None
+    toy.lin(x)
+    assert len(calls) == 2
+
+
+def test_dora_norms_equal_the_direct_formula():
+    """‖W + s·B A‖ over the rows (Linear, Conv1D) or the vocabulary (Embedding), against the plain formula."""
+    ref, toy = wrap_toy(use_dora=True, init_lora_weights=False)
+    randomize_adapters(toy, seed=3)
+    with torch.no_grad():
+        for name, combined, dim in [
+            ("lin", lambda s, BA: ref.lin.weight + s * BA, 1),
+            ("conv1d", lambda s, BA: ref.conv1d.weight.T + s * BA, 1),
+            ("emb", lambda s, BA: ref.emb.weight + s * BA.T, 0),
+        ]:
+            layer = getattr(toy, name)
+            a = adapter(layer)
+            A, B = a.low_rank_factors()
+            expected = torch.linalg.norm(combined(a.scaling, B @ A), dim=dim)
+            torch.testing.assert_close(a.weight_norm(layer.base_layer), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_dora_embedding_norm_follows_its_factors(monkeypatch):
+    ref, toy = wrap_toy(use_dora=True, target_modules=["emb"], init_lora_weights=False)
+    a, x = adapter(toy.emb), toy_inputs()["emb"]
+    calls = count_norms(monkeypatch, type(a))
+    with torch.no_grad():
+        toy.emb(x)
+        a.lora_embedding_B.add_(1.0)
+        out = toy.emb(x)
+    assert len(calls) == 1  # the norm from when the adapter was made, then one
+    combined = ref.emb.weight + a.scaling * (a.lora_embedding_B @ a.lora_embedding_A).T.detach()
+    expected = a.lora_magnitude_vector.detach() * combined[x] / combined.norm(dim=0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 # ---- initialisations -----------------------------------------------------------------------------
 
 
