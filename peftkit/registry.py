@@ -49,6 +49,10 @@ class Method:
         """Names of existing base-model parameters this adapter trains in place (and saves)."""
         return []
 
+    def training_callbacks(self, config: PeftConfig) -> list:
+        """transformers `TrainerCallback`s this method needs in training; `peftkit train` adds them."""
+        return []
+
 
 METHODS: dict[str, Method] = {}
 

@@ -1,18 +1,25 @@
-"""Tiny models built from transformers configs (no downloads), shared by every test."""
+"""Tiny models built from transformers configs (no downloads), shared by every test; and, for the command
+line, the same saved as transformers folders with a word-level tokenizer, and tiny data files."""
 
 from __future__ import annotations
 
+import json
+import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -132,3 +139,112 @@ def train_and_check_frozen(peft_model: torch.nn.Module, frozen: list, inputs: di
         assert param.grad is None, name
         assert torch.equal(param, before), name
     return losses
+
+
+# ---- the command line: tiny models as folders, tiny data files -----------------------------------
+
+POSITIVE = ["good", "great", "lovely", "superb", "fun", "moving"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "messy"]
+FILLER = ["the", "film", "was", "plot", "acting", "a", "and", "really", "quite", "story"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<eos>"]
+WORDS = SPECIALS + POSITIVE + NEGATIVE + FILLER + ["review:", "sentiment:", "answer:", "positive", "negative"]
+WORDS += ["question:", "what", "is", "it", "yes", "no", "pos", "neg"]
+
+
+def save_tokenizer(folder: Path, encoder: bool) -> PreTrainedTokenizerFast:
+    """Whitespace words from WORDS; BERT-style [CLS] x [SEP] for the encoder, nothing added for the LM."""
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if encoder:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]" if encoder else "<eos>",  # the LM pads with its end token, as SmolLM2 does
+        eos_token="<eos>",
+        cls_token="[CLS]" if encoder else None,
+        sep_token="[SEP]" if encoder else None,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def encoder_folder(tmp_path_factory) -> Path:
+    """A 2-layer BERT encoder (no head), like MiniLM: the CLI adds a classification head."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(WORDS),
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        architectures=["BertModel"],
+    )
+    BertModel(config).save_pretrained(folder)
+    save_tokenizer(folder, encoder=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def causal_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    eos = WORDS.index("<eos>")
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(WORDS),
+        max_position_embeddings=64,
+        pad_token_id=eos,
+        eos_token_id=eos,
+        bos_token_id=None,
+        architectures=["LlamaForCausalLM"],
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    save_tokenizer(folder, encoder=False)
+    return folder
+
+
+def review(rng: random.Random, positive: bool) -> str:
+    words = rng.sample(FILLER, 2) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> Path:
+    """160 short reviews labelled "pos" / "neg" by which word list they draw from; some texts repeat."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    lines = ["text,label"]
+    for i in range(160):
+        positive = i % 2 == 0
+        lines.append(f"{review(rng, positive)},{'pos' if positive else 'neg'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def instructions_jsonl(tmp_path_factory) -> Path:
+    """Prompt/response pairs: "question: is the <filler> <word>" answered "yes" for a positive word."""
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    rows = []
+    for i in range(120):
+        word, filler = rng.choice(POSITIVE if i % 2 else NEGATIVE), rng.choice(FILLER)
+        rows.append(
+            {"prompt": f"question: is the {filler} {word} answer:", "response": "yes" if i % 2 else "no"}
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -67,6 +67,13 @@ class AdaLoraConfig(PeftConfig):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
+    default_learning_rate: ClassVar[float] = 1e-3
+
+    @classmethod
+    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
+        """The budget held for the first tenth of training and fixed for the last fifth."""
+        return {"total_step": total_steps, "tinit": total_steps // 10, "tfinal": total_steps // 5}
+
     reference_fields: ClassVar[dict[str, Any]] = {
         **LoraConfig.reference_fields,
         "r": 8,  # AdaLoRA's rank is init_r
@@ -359,6 +366,9 @@ class AdaLora(Lora):
 
     def model_adapter(self, model: nn.Module, config: AdaLoraConfig) -> ModelAdapter:
         return RankAllocator(config)
+
+    def training_callbacks(self, config: AdaLoraConfig) -> list:
+        return [_callback_class()()]
 
 
 def _callback_class() -> type:

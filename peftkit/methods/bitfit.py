@@ -23,6 +23,7 @@ class BitFitConfig(PeftConfig):
     """Bias-only fine-tuning. `target_modules` None means every module that has a bias."""
 
     peft_type: ClassVar[str] = "BITFIT"
+    default_learning_rate: ClassVar[float] = 1e-3
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -75,6 +75,7 @@ class AdapterConfig(PeftConfig):
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK"
+    default_learning_rate: ClassVar[float] = 5e-4
     option_aliases: ClassVar[dict[str, str]] = {
         "r": "adapter_size",
         "rank": "adapter_size",

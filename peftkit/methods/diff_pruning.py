@@ -55,6 +55,7 @@ class DiffPruningConfig(PeftConfig):
     """
 
     peft_type: ClassVar[str] = "DIFF_PRUNING"
+    default_learning_rate: ClassVar[float] = 5e-4
     # the paper's code's flags, and common names, for the options here
     option_aliases: ClassVar[dict[str, str]] = {
         "target_sparsity": "density",
@@ -307,3 +308,13 @@ class DiffPruning(Method):
 
     def model_adapter(self, model: nn.Module, config: DiffPruningConfig) -> ModelAdapter:
         return DiffPruningRegularizer(config.l0_penalty).train(model.training)
+
+    def training_callbacks(self, config: DiffPruningConfig) -> list:
+        """Projects the diff to its density when training ends, so that what is evaluated is what is saved."""
+        from transformers import TrainerCallback
+
+        class FinalizeDiffPruning(TrainerCallback):
+            def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kw: Any):
+                model.finalize_diff_pruning()
+
+        return [FinalizeDiffPruning()]

@@ -74,6 +74,7 @@ class IA3Config(PeftConfig):
     weight as (in, out)), as peft ends up doing after correcting the flag."""
 
     peft_type: ClassVar[str] = "IA3"
+    default_learning_rate: ClassVar[float] = 3e-3
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -59,6 +59,12 @@ class LoraConfig(PeftConfig):
     """Low-rank adaptation. Field names and defaults are Hugging Face peft's."""
 
     peft_type: ClassVar[str] = "LORA"
+    default_learning_rate: ClassVar[float] = 5e-4
+
+    @classmethod
+    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
+        return {"r": 8, "lora_alpha": 16}
+
     reference_fields: ClassVar[dict[str, Any]] = {
         **PeftConfig.reference_fields,
         **dict.fromkeys(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,6 +44,11 @@ class PromptEncoderConfig(PeftConfig):
     apply to the LSTM (layers, dropout between them); the MLP always has two hidden layers, as in peft."""
 
     peft_type: ClassVar[str] = "P_TUNING"
+    default_learning_rate: ClassVar[float] = 3e-3
+
+    @classmethod
+    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
+        return {"num_virtual_tokens": 20}
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None

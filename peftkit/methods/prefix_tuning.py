@@ -34,6 +34,11 @@ class PrefixTuningConfig(PeftConfig):
     peft's; the model's dimensions (token_dim, num_layers, ...) are read off the model when left None."""
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    default_learning_rate: ClassVar[float] = 1e-2
+
+    @classmethod
+    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
+        return {"num_virtual_tokens": 20}
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None

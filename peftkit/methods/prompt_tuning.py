@@ -35,6 +35,11 @@ class PromptTuningConfig(PeftConfig):
     """Soft prompt of `num_virtual_tokens` embeddings. Field names and defaults are Hugging Face peft's."""
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    default_learning_rate: ClassVar[float] = 3e-2
+
+    @classmethod
+    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
+        return {"num_virtual_tokens": 20}
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None

