@@ -357,6 +357,28 @@ class TunedLayer(AdapterHolder):
         return forward_mixed([adapter for _, adapter, _ in groups], row_index, x, out, self.base_layer)
 
 
+def holders_in(model: nn.Module) -> list[tuple[str, AdapterHolder]]:
+    """(name, holder) for every AdapterHolder in `model`, in module order: `named_modules` without walking
+    into the layer adapters themselves, which hold none (a TunedLayer's base can: a wrapped block)."""
+    found, seen = [], set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, AdapterHolder):
+            found.append((path, module))
+        prefix = f"{path}." if path else ""
+        children = [
+            (prefix + key, child)
+            for key, child in module._modules.items()
+            if child is not None and not (key == "adapters" and isinstance(module, TunedLayer))
+        ]
+        stack.extend(reversed(children))
+    return found
+
+
 class ModulesToSave(AdapterHolder):
     """A module trained in full, with one trainable copy per adapter; the original stays untouched."""
 

@@ -27,6 +27,7 @@ from .layer import (
     ModulesToSave,
     NotMergeableError,
     TunedLayer,
+    holders_in,
     route_rows,
 )
 from .quantization import dequantize_model
@@ -120,7 +121,7 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def _holders(self) -> list[AdapterHolder]:
-        return [m for m in self.get_base_model().modules() if isinstance(m, AdapterHolder)]
+        return [holder for _, holder in holders_in(self.get_base_model())]
 
     @property
     def active_adapters(self) -> list[str]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .config import CONFIG_NAME, PeftConfig, atomic_write
-from .layer import ModulesToSave, SavedState, TunedLayer, copy_strict
+from .layer import ModulesToSave, SavedState, TunedLayer, copy_strict, holders_in
 from .registry import method_by_type
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def owners(peft_model: PeftModel, name: str) -> list[tuple[str, nn.Module]]:
     found = []
     model_adapter = peft_model.model_adapters[name] if name in peft_model.model_adapters else None  # noqa: SIM401
     head_root = "base_model." if getattr(model_adapter, "rewrites_inputs", False) else "base_model.model."
-    for path, module in peft_model.get_base_model().named_modules():
+    for path, module in holders_in(peft_model.get_base_model()):
         if isinstance(module, TunedLayer) and name in module.adapters:
             found.append((f"base_model.model.{path}.", module.adapters[name]))
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
@@ -64,10 +64,11 @@ def adapter_tensors(peft_model: PeftModel, name: str) -> dict[str, torch.Tensor]
 def adapter_parameters(peft_model: PeftModel, name: str) -> list[nn.Parameter]:
     """The parameters adapter `name` trains: its owners' and the base parameters it selected."""
     params = [p for _, owner in owners(peft_model, name) for p in owner.parameters()]
+    selected = peft_model.base_parameter_names.get(name, ())
+    if not selected:
+        return params
     everything = dict(peft_model.named_parameters(remove_duplicate=False))
-    return params + [
-        everything[key] for key in peft_model.base_parameter_names.get(name, ()) if key in everything
-    ]
+    return params + [everything[key] for key in selected if key in everything]
 
 
 def save_adapter(peft_model: PeftModel, name: str, directory: str) -> None:

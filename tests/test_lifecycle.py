@@ -19,7 +19,7 @@ from peftkit import (
     get_peft_model,
     inject_adapter_in_model,
 )
-from peftkit.layer import ModulesToSave, RowRouting, TunedLayer, mixed_form, route_rows
+from peftkit.layer import ModulesToSave, RowRouting, TunedLayer, holders_in, mixed_form, route_rows
 from peftkit.methods.lora import LoraLinear
 
 
@@ -634,3 +634,16 @@ def test_a_failed_merge_leaves_no_layer_merged(input_ids):
     assert all(not layer.merged_adapters for layer in model.modules() if isinstance(layer, TunedLayer))
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, weights[name], atol=1e-6, rtol=0)
+
+
+def test_holders_are_found_in_module_order_without_walking_into_adapters():
+    model = get_peft_model(
+        tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"])
+    )
+    model.add_adapter("two", LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    expected = [
+        (n, m)
+        for n, m in model.get_base_model().named_modules()
+        if isinstance(m, (TunedLayer, ModulesToSave))
+    ]
+    assert holders_in(model.get_base_model()) == expected and len(expected) == 5  # 2 layers × 2, and the head

@@ -183,20 +183,59 @@ def tensor_versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+class _AddLowRankInPlace(torch.autograd.Function):
+    """out ← out + s·(x Aᵀ) Bᵀ written into `out`, with the backward written out:
+    ∂x = s·(g B) A, ∂A = s·(g B)ᵀ x, ∂B = s·gᵀ (x Aᵀ), ∂out = g.
+
+    Autograd's own addmm copies `out` (the size of the layer's output) before adding to it; writing into
+    it saves that pass. Only for `out` that nothing else reads: the base layer's fresh output."""
+
+    @staticmethod
+    def forward(ctx, out, x, lora_a, lora_b, scaling):
+        rows = x.reshape(-1, x.shape[-1])
+        ax = rows @ lora_a.T  # (tokens, r)
+        out.view(-1, out.shape[-1]).addmm_(ax, lora_b.T, alpha=scaling)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, lora_a, lora_b, ax)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_a, lora_b, ax = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a:
+            grad_ax = (grad_rows @ lora_b).mul_(ctx.scaling)  # s·g B, (tokens, r)
+            if need_x:
+                grad_x = (grad_ax @ lora_a).view(x.shape)
+            if need_a:
+                grad_a = grad_ax.T @ x.reshape(-1, x.shape[-1])
+        if need_b:
+            grad_b = (grad_rows.T @ ax).mul_(ctx.scaling)
+        return grad, grad_x, grad_a, grad_b, None
+
+
 def plus_low_rank(
     out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """out + s·B A x over the last dimension of `x` and `out`; the product in the adapter's dtype.
 
-    `out` is the base layer's output, which only the adapters read: with no gradient to record (inference),
-    the sum is written into it."""
-    ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)  # A x, the batch flattened into rows
+    `out` is the base layer's output, which only the adapters read, so the sum is written into it (when it
+    is a contiguous tensor of its own and of the adapter's dtype)."""
     if out.dtype != lora_B.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
+        ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)
         return out + (F.linear(ax, lora_B) * scaling).view(out.shape).to(out.dtype)
-    # One kernel for the product, the scaling and the sum: addmm gives out + s·(A x) Bᵀ, row by row.
-    if not torch.is_grad_enabled() and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(ax, lora_B.T, alpha=scaling)
+    if out.is_contiguous() and out._base is None:
+        if torch.is_grad_enabled():
+            return _AddLowRankInPlace.apply(out, x, lora_A, lora_B, scaling)
+        out.view(-1, out.shape[-1]).addmm_(
+            F.linear(x.reshape(-1, x.shape[-1]), lora_A), lora_B.T, alpha=scaling
+        )
         return out
+    ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)  # A x, the batch flattened into rows
+    # One kernel for the product, the scaling and the sum: addmm gives out + s·(A x) Bᵀ, row by row.
     return torch.addmm(out.reshape(-1, out.shape[-1]), ax, lora_B.T, alpha=scaling).view(out.shape)
 
 
@@ -256,8 +295,12 @@ class DoraMagnitude:
         """m/‖·‖ shaped to broadcast over the base weight."""
         raise NotImplementedError
 
+    def merge_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """The norm a merge writes into the weight: the one forward uses, unless a layer says otherwise."""
+        return self.weight_norm(base_layer)
+
     def merge(self, base_layer: nn.Module) -> None:
-        self.merged_norm = self.weight_norm(base_layer)
+        self.merged_norm = self.merge_norm(base_layer)
         scale = self.as_weight_layout((self.lora_magnitude_vector / self.merged_norm).detach())
         weight = layer_weight(base_layer).detach()
         set_layer_weight(base_layer, (weight + self.delta_weight().to(weight.dtype)) * scale)
@@ -378,12 +421,28 @@ class DoraLinear(DoraMagnitude, LoraLinear):
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
         super().__init__(base_layer, r, scaling, dropout)
         self.add_magnitude((self.lora_B.out_features,))
+        self.base_row_norms: tuple[tuple, torch.Tensor] | None = None  # (W's version, ‖W_i‖²)
 
     def compute_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """‖W + s·B A‖ per row, from ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ: one pass over W (a GEMM
+        with r columns) instead of writing W + s·B A and reading it again; ‖W_i‖² is kept while W is
+        unchanged. Exact up to rounding unless s·B A nearly cancels W."""
         weight = weight_out_in(base_layer).detach()
         lora_a, lora_b = (t.detach().to(weight.dtype) for t in self.low_rank_factors())
-        combined = torch.addmm(weight, lora_b, lora_a, alpha=self.scaling)  # W + s·B A in one kernel
-        return torch.linalg.vector_norm(combined, dim=1)
+        key = tensor_versions(base_layer.weight)
+        if self.base_row_norms is None or self.base_row_norms[0] != key:
+            self.base_row_norms = (key, weight.square().sum(1))
+        cross = (lora_b * (weight @ lora_a.T)).sum(1)  # B_i · (W Aᵀ)_i = W_i · (B A)_i
+        low_rank = (lora_b @ (lora_a @ lora_a.T) * lora_b).sum(1)  # ‖(B A)_i‖²
+        squared = self.base_row_norms[1] + 2 * self.scaling * cross + self.scaling**2 * low_rank
+        return squared.clamp_min(0).sqrt()
+
+    def merge_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """‖W + s·B A‖ from the sum itself: a merge rounds W + ΔW to the base's format once, so it takes the
+        norm free of the expansion's rounding (they differ by about 1e-7, relatively)."""
+        weight = weight_out_in(base_layer).detach()
+        lora_a, lora_b = (t.detach().to(weight.dtype) for t in self.low_rank_factors())
+        return torch.linalg.vector_norm(torch.addmm(weight, lora_b, lora_a, alpha=self.scaling), dim=1)
 
     def as_weight_layout(self, scale: torch.Tensor) -> torch.Tensor:
         return scale.unsqueeze(0) if self.transposed else scale.unsqueeze(1)

@@ -195,6 +195,35 @@ def test_lora_linear_forward_for_any_input_layout(shape, grad):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+@pytest.mark.parametrize("name", ["lin", "conv1d"])
+def test_lora_gradients_equal_autograd_on_the_formula(name, x_needs_grad, dropout):
+    """The update is added into the base output by a Function with its backward written out: ∂x, ∂A, ∂B
+    and the output must equal autograd's on h = W x + b + s·B A dropout(x) (the same dropout mask)."""
+    ref, toy = wrap_toy(
+        r=4, lora_alpha=8, target_modules=[name], init_lora_weights=False, lora_dropout=dropout
+    )
+    layer, base = getattr(toy, name), getattr(ref, name)
+    x = torch.randn(2, 3, 6, requires_grad=x_needs_grad)
+    grad = torch.randn(2, 3, 5)
+    torch.manual_seed(7)
+    out = layer(x)
+    out.backward(grad)
+    a = adapter(layer)
+    A, B = (w.detach().clone().requires_grad_() for w in (a.lora_A.weight, a.lora_B.weight))
+    x_ref = x.detach().clone().requires_grad_(x_needs_grad)
+    torch.manual_seed(7)
+    expected = base(x_ref) + 2 * (a.lora_dropout(x_ref) @ A.T @ B.T)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.lora_A.weight.grad, A.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.lora_B.weight.grad, B.grad, atol=1e-6, rtol=1e-5)
+    if x_needs_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
+    assert layer.base_layer.weight.grad is None
+
+
 def test_lora_over_a_bfloat16_base_adds_the_float32_update_in_bfloat16():
     ref, toy = wrap_toy(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False)
     ref.to(torch.bfloat16)
