@@ -116,6 +116,12 @@ class LayerAdapter(SavedState, nn.Module):
         picking each row's weights needs no index kernel and no device sync."""
         return None
 
+    def forward_with_base(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """Optional: `forward(x, base_layer(x), base_layer)` computed together with the base layer, for the
+        layer's only active adapter, when that is faster (one backward for both, say). Return None to have
+        the core call the base layer first (the default). Same subclass rule as `forward_mixed`."""
+        return None
+
 
 class ModelAdapter(SavedState, nn.Module):
     """A method's model-level part; every hook is optional.
@@ -212,11 +218,12 @@ def is_adapter_parameter(name: str) -> bool:
     return any(mark in name for mark in (".adapters.", ".modules_to_save.", ".original_module."))
 
 
-def mixed_form(kind: type[LayerAdapter]) -> Callable[..., torch.Tensor | None] | None:
-    """`kind.forward_mixed`, or None where a subclass overrode `forward` below it (it would be stale)."""
+def alternative_form(kind: type[LayerAdapter], hook: str) -> Callable[..., torch.Tensor | None] | None:
+    """`kind`'s `hook` (`forward_mixed`, `forward_with_base`): another way to compute its `forward`; None
+    where a subclass overrode `forward` below the hook's definition (it would compute the parent's math)."""
     for klass in kind.__mro__:
-        if "forward_mixed" in vars(klass):
-            return kind.forward_mixed
+        if hook in vars(klass):
+            return getattr(kind, hook)
         if "forward" in vars(klass):
             return None
     return None
@@ -264,6 +271,7 @@ class TunedLayer(AdapterHolder):
         self.merged_adapters: list[str] = []
         self._live: list[LayerAdapter] = []
         self._input_live: list[LayerAdapter] = []
+        self._with_base: Callable[[torch.Tensor, nn.Module], torch.Tensor | None] | None = None
 
     @property
     def wrapped(self) -> nn.Module:
@@ -275,6 +283,9 @@ class TunedLayer(AdapterHolder):
     def _refresh(self) -> None:
         self._live = [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
         self._input_live = [a for a in self._live if a.transforms_input]
+        only = self._live[0] if len(self._live) == 1 and not self._input_live else None
+        fused = only is not None and alternative_form(type(only), "forward_with_base") is not None
+        self._with_base = only.forward_with_base if fused else None
 
     def set_active(self, names: list[str]) -> None:
         super().set_active(names)
@@ -311,6 +322,10 @@ class TunedLayer(AdapterHolder):
         routing = _ROUTING.get()
         if routing is not None:
             return self._forward_rows(routing, x, *args, **kwargs)
+        if self._with_base and not args and not kwargs:
+            out = self._with_base(x, self.base_layer)
+            if out is not None:
+                return out
         base_in = x
         for adapter in self._input_live:
             base_in = adapter.transform_input(base_in)
@@ -350,7 +365,7 @@ class TunedLayer(AdapterHolder):
         if (
             len(kinds) != 1
             or (kind := kinds.pop()).transforms_input
-            or (forward_mixed := mixed_form(kind)) is None
+            or (forward_mixed := alternative_form(kind, "forward_mixed")) is None
         ):
             return None
         row_index = routing.row_index(x.shape[0], tuple(name for name, _, _ in groups))

@@ -19,7 +19,7 @@ from peftkit import (
     get_peft_model,
     inject_adapter_in_model,
 )
-from peftkit.layer import ModulesToSave, RowRouting, TunedLayer, holders_in, mixed_form, route_rows
+from peftkit.layer import ModulesToSave, RowRouting, TunedLayer, alternative_form, holders_in, route_rows
 from peftkit.methods.lora import LoraLinear
 
 
@@ -349,8 +349,9 @@ def test_forward_mixed_runs_once_for_a_layer_whose_adapters_share_a_class():
         def forward(self, x, base_out, base_layer):
             return base_out + 2
 
-    assert mixed_form(SameForward) is not None and mixed_form(LayerAdapter) is not None
-    assert mixed_form(OtherForward) is None  # its forward_mixed would compute Batched's forward
+    mixed = [alternative_form(kind, "forward_mixed") for kind in (SameForward, LayerAdapter, OtherForward)]
+    assert mixed[0] is not None and mixed[1] is not None
+    assert mixed[2] is None  # its forward_mixed would compute Batched's forward
     layer = TunedLayer(nn.Linear(4, 3))
     layer.add("same", SameForward())
     layer.add("same2", SameForward())

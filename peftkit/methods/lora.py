@@ -213,8 +213,84 @@ class _AddLowRankInPlace(torch.autograd.Function):
             if need_a:
                 grad_a = grad_ax.T @ x.reshape(-1, x.shape[-1])
         if need_b:
-            grad_b = (grad_rows.T @ ax).mul_(ctx.scaling)
+            grad_b = (ax.T @ grad_rows).T.mul_(ctx.scaling)  # ((x Aᵀ)ᵀ g)ᵀ: twice as fast as gᵀ (x Aᵀ) here
         return grad, grad_x, grad_a, grad_b, None
+
+
+class _LinearPlusLowRank(torch.autograd.Function):
+    """h = x Wᵀ + b + s·(x Aᵀ) Bᵀ with one backward for the base and the update:
+    ∂x = g W + s·(g B) A (the second product added into the first), ∂A = s·(g B)ᵀ x, ∂B = s·gᵀ (x Aᵀ),
+    and ∂W = gᵀ x, ∂b = Σ g where the base trains too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        rows = x.reshape(-1, x.shape[-1])
+        out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
+        ax = rows @ lora_a.T  # (tokens, r)
+        out.addmm_(ax, lora_b.T, alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, ax)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, ax = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        grad_rows, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_x or need_a:
+            grad_ax = (grad_rows @ lora_b).mul_(ctx.scaling)  # s·g B, (tokens, r)
+            if need_x:
+                grad_x = (grad_rows @ weight).addmm_(grad_ax, lora_a).view(x.shape)
+            if need_a:
+                grad_a = grad_ax.T @ rows
+        if need_b:
+            grad_b = (ax.T @ grad_rows).T.mul_(ctx.scaling)  # ((x Aᵀ)ᵀ g)ᵀ: twice as fast as gᵀ (x Aᵀ) here
+        if need_w:
+            grad_w = grad_rows.T @ rows
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+class _DoraLinearFunction(torch.autograd.Function):
+    """DoRA on nn.Linear: h = x Wᵀ + s·(x Aᵀ) Bᵀ, out = (m/n)·h + b with n = ‖W + s·B A‖ held constant;
+    backward: ∂m = Σ_tokens g·h / n, and with g_h = (m/n)·g, the LoRA gradients of g_h (see
+    _LinearPlusLowRank) — h is written in place and one ∂x is accumulated, as there."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, magnitude, norm):
+        rows = x.reshape(-1, x.shape[-1])
+        h = rows @ weight.T
+        ax = rows @ lora_a.T
+        h.addmm_(ax, lora_b.T, alpha=scaling)
+        scale = magnitude / norm
+        out = h * scale if bias is None else torch.addcmul(bias, h, scale)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, ax, h, scale, norm)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, ax, h, scale, norm = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, need_m = ctx.needs_input_grad[:7]
+        grad_rows, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_m = torch.linalg.vecdot(grad_rows, h, dim=0) / norm if need_m else None
+        grad_h = grad_rows * scale
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_x or need_a:
+            grad_ax = (grad_h @ lora_b).mul_(ctx.scaling)
+            if need_x:
+                grad_x = (grad_h @ weight).addmm_(grad_ax, lora_a).view(x.shape)
+            if need_a:
+                grad_a = grad_ax.T @ rows
+        if need_b:
+            grad_b = (ax.T @ grad_h).T.mul_(ctx.scaling)
+        if need_w:
+            grad_w = grad_h.T @ rows
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_m, None
 
 
 def plus_low_rank(
@@ -362,6 +438,27 @@ class LoraLinear(LowRankUpdate):
             x = x.to(weight_a.dtype)
         return plus_low_rank(base_out, self.lora_dropout(x), weight_a, self.lora_B.weight, self.scaling)
 
+    def forward_with_base(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """In training, a plain nn.Linear (no hooks) and its update in one autograd Function, whose backward
+        adds the update's ∂x into the base's instead of summing two tensors; without dropout, where the
+        base and the update read the same x. Otherwise None: the base runs first, then `forward`."""
+        if not self.fusable(x, base_layer):
+            return None
+        weight_b = self.lora_B.weight
+        return _LinearPlusLowRank.apply(
+            x, base_layer.weight, base_layer.bias, self.lora_A.weight, weight_b, self.scaling
+        )
+
+    def fusable(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
+        """Training (gradients on) a plain nn.Linear without hooks, no dropout, one dtype throughout."""
+        return (
+            torch.is_grad_enabled()
+            and type(base_layer) is nn.Linear
+            and isinstance(self.lora_dropout, nn.Identity)
+            and not (base_layer._forward_hooks or base_layer._forward_pre_hooks)
+            and x.dtype == base_layer.weight.dtype == self.lora_A.weight.dtype
+        )
+
     @classmethod
     def forward_mixed(
         cls,
@@ -462,6 +559,17 @@ class DoraLinear(DoraMagnitude, LoraLinear):
         h = plus_low_rank(plain, x, weight_a, self.lora_B.weight, self.scaling)  # W x + s·B A x
         out = scale * h if rest is None else torch.addcmul(rest, scale, h)  # (m/‖·‖)·h + b in one kernel
         return out.to(base_out.dtype)
+
+    def forward_with_base(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """`forward` and the base layer in one autograd Function (_DoraLinearFunction), where LoRA's is."""
+        if not self.fusable(x, base_layer):
+            return None
+        weight_b = self.lora_B.weight
+        norm = self.weight_norm(base_layer)
+        return _DoraLinearFunction.apply(
+            x, base_layer.weight, base_layer.bias, self.lora_A.weight, weight_b, self.scaling,
+            self.lora_magnitude_vector, norm,
+        )  # fmt: skip
 
 
 class LoraEmbedding(LowRankUpdate):
