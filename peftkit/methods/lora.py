@@ -303,7 +303,7 @@ def plus_low_rank(
     if out.dtype != lora_B.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
         ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)
         return out + (F.linear(ax, lora_B) * scaling).view(out.shape).to(out.dtype)
-    if out.is_contiguous() and out._base is None:
+    if out.is_contiguous() and out._base is None and not torch.is_autocast_enabled(out.device.type):
         if torch.is_grad_enabled():
             return _AddLowRankInPlace.apply(out, x, lora_A, lora_B, scaling)
         out.view(-1, out.shape[-1]).addmm_(
@@ -450,9 +450,11 @@ class LoraLinear(LowRankUpdate):
         )
 
     def fusable(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
-        """Training (gradients on) a plain nn.Linear without hooks, no dropout, one dtype throughout."""
+        """Training (gradients on) a plain nn.Linear without hooks, no dropout, one dtype throughout (no
+        autocast, which would change the dtypes inside)."""
         return (
             torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
             and type(base_layer) is nn.Linear
             and isinstance(self.lora_dropout, nn.Identity)
             and not (base_layer._forward_hooks or base_layer._forward_pre_hooks)

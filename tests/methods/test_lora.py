@@ -224,6 +224,20 @@ def test_lora_gradients_equal_autograd_on_the_formula(name, x_needs_grad, dropou
     assert layer.base_layer.weight.grad is None
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_training_under_autocast_takes_the_plain_path(use_dora):
+    """Under bfloat16 autocast the fused training Functions step aside (their in-place adds would meet mixed
+    dtypes); the result is the float32 one to bfloat16 precision and gradients reach A and B."""
+    ref, toy = wrap_toy(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False, use_dora=use_dora)
+    x = torch.randn(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = toy.lin(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), toy.lin(x).detach(), atol=0.05, rtol=0.05)
+    assert adapter(toy.lin).lora_A.weight.grad is not None and adapter(toy.lin).lora_B.weight.grad is not None
+
+
 def test_lora_over_a_bfloat16_base_adds_the_float32_update_in_bfloat16():
     ref, toy = wrap_toy(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False)
     ref.to(torch.bfloat16)
