@@ -183,114 +183,121 @@ def tensor_versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+def _low_rank_backward(
+    grad_rows: torch.Tensor,
+    rows: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    needs: tuple[bool, bool, bool],
+    base_grad_x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(∂x, ∂A, ∂B) of s·(x Aᵀ) Bᵀ for the output gradient g, over rows of tokens, where `needs` says:
+    ∂x = s·(g B) A (added into `base_grad_x` where given), ∂A = s·(g B)ᵀ x, ∂B = s·gᵀ (x Aᵀ).
+
+    x Aᵀ is recomputed from x (which the base layer keeps anyway) instead of being kept from the forward:
+    a small product again, and a (tokens, r) tensor less per layer in memory."""
+    need_x, need_a, need_b = needs
+    grad_x = grad_a = grad_b = None
+    if need_x or need_a:
+        grad_ax = (grad_rows @ lora_b).mul_(scaling)  # s·g B, (tokens, r)
+        if need_x:
+            grad_x = grad_ax @ lora_a if base_grad_x is None else base_grad_x.addmm_(grad_ax, lora_a)
+        if need_a:
+            grad_a = grad_ax.T @ rows
+    if need_b:
+        grad_b = ((rows @ lora_a.T).T @ grad_rows).T.mul_(scaling)  # ((x Aᵀ)ᵀ g)ᵀ: faster than gᵀ (x Aᵀ)
+    return grad_x, grad_a, grad_b
+
+
 class _AddLowRankInPlace(torch.autograd.Function):
-    """out ← out + s·(x Aᵀ) Bᵀ written into `out`, with the backward written out:
-    ∂x = s·(g B) A, ∂A = s·(g B)ᵀ x, ∂B = s·gᵀ (x Aᵀ), ∂out = g.
+    """out ← out + s·(x Aᵀ) Bᵀ written into `out` (∂out = g; the rest in _low_rank_backward).
 
     Autograd's own addmm copies `out` (the size of the layer's output) before adding to it; writing into
     it saves that pass. Only for `out` that nothing else reads: the base layer's fresh output."""
 
     @staticmethod
     def forward(ctx, out, x, lora_a, lora_b, scaling):
-        rows = x.reshape(-1, x.shape[-1])
-        ax = rows @ lora_a.T  # (tokens, r)
-        out.view(-1, out.shape[-1]).addmm_(ax, lora_b.T, alpha=scaling)
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ lora_a.T, lora_b.T, alpha=scaling)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, lora_a, lora_b, ax)
+        ctx.save_for_backward(x, lora_a, lora_b)
         ctx.scaling = scaling
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, lora_a, lora_b, ax = ctx.saved_tensors
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
-        grad_x = grad_a = grad_b = None
-        if need_x or need_a:
-            grad_ax = (grad_rows @ lora_b).mul_(ctx.scaling)  # s·g B, (tokens, r)
-            if need_x:
-                grad_x = (grad_ax @ lora_a).view(x.shape)
-            if need_a:
-                grad_a = grad_ax.T @ x.reshape(-1, x.shape[-1])
-        if need_b:
-            grad_b = (ax.T @ grad_rows).T.mul_(ctx.scaling)  # ((x Aᵀ)ᵀ g)ᵀ: twice as fast as gᵀ (x Aᵀ) here
-        return grad, grad_x, grad_a, grad_b, None
+        x, lora_a, lora_b = ctx.saved_tensors
+        rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_x, grad_a, grad_b = _low_rank_backward(
+            grad_rows, rows, lora_a, lora_b, ctx.scaling, ctx.needs_input_grad[1:4]
+        )
+        return grad, None if grad_x is None else grad_x.view(x.shape), grad_a, grad_b, None
 
 
 class _LinearPlusLowRank(torch.autograd.Function):
-    """h = x Wᵀ + b + s·(x Aᵀ) Bᵀ with one backward for the base and the update:
-    ∂x = g W + s·(g B) A (the second product added into the first), ∂A = s·(g B)ᵀ x, ∂B = s·gᵀ (x Aᵀ),
-    and ∂W = gᵀ x, ∂b = Σ g where the base trains too."""
+    """h = x Wᵀ + b + s·(x Aᵀ) Bᵀ with one backward for the base and the update: ∂x = g W + s·(g B) A,
+    the second product added into the first; ∂W = gᵀ x and ∂b = Σ g where the base trains too."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         rows = x.reshape(-1, x.shape[-1])
         out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
-        ax = rows @ lora_a.T  # (tokens, r)
-        out.addmm_(ax, lora_b.T, alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, ax)
+        out.addmm_(rows @ lora_a.T, lora_b.T, alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, ax = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_rows, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x or need_a:
-            grad_ax = (grad_rows @ lora_b).mul_(ctx.scaling)  # s·g B, (tokens, r)
-            if need_x:
-                grad_x = (grad_rows @ weight).addmm_(grad_ax, lora_a).view(x.shape)
-            if need_a:
-                grad_a = grad_ax.T @ rows
-        if need_b:
-            grad_b = (ax.T @ grad_rows).T.mul_(ctx.scaling)  # ((x Aᵀ)ᵀ g)ᵀ: twice as fast as gᵀ (x Aᵀ) here
-        if need_w:
-            grad_w = grad_rows.T @ rows
-        if need_bias and ctx.has_bias:
-            grad_bias = grad_rows.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        return _linear_backward(ctx, grad, grad, x, weight, lora_a, lora_b)
+
+
+def _linear_backward(
+    ctx: Any,
+    grad: torch.Tensor,
+    grad_h: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+) -> tuple:
+    """The gradients of the base linear layer and its low-rank update for ∂h = `grad_h`; the bias, added
+    after any rescaling, takes `grad`."""
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    rows, grad_rows = x.reshape(-1, x.shape[-1]), grad_h.reshape(-1, grad_h.shape[-1])
+    base_grad_x = grad_rows @ weight if need_x else None
+    grad_x, grad_a, grad_b = _low_rank_backward(
+        grad_rows, rows, lora_a, lora_b, ctx.scaling, (need_x, need_a, need_b), base_grad_x
+    )
+    grad_w = grad_rows.T @ rows if need_w else None
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias and ctx.has_bias else None
+    return None if grad_x is None else grad_x.view(x.shape), grad_w, grad_bias, grad_a, grad_b, None
 
 
 class _DoraLinearFunction(torch.autograd.Function):
     """DoRA on nn.Linear: h = x Wᵀ + s·(x Aᵀ) Bᵀ, out = (m/n)·h + b with n = ‖W + s·B A‖ held constant;
-    backward: ∂m = Σ_tokens g·h / n, and with g_h = (m/n)·g, the LoRA gradients of g_h (see
-    _LinearPlusLowRank) — h is written in place and one ∂x is accumulated, as there."""
+    backward: ∂m = Σ_tokens g·h / n, and the base's and the update's gradients for ∂h = (m/n)·g, as in
+    _LinearPlusLowRank (h written in place, one ∂x accumulated)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, magnitude, norm):
         rows = x.reshape(-1, x.shape[-1])
         h = rows @ weight.T
-        ax = rows @ lora_a.T
-        h.addmm_(ax, lora_b.T, alpha=scaling)
+        h.addmm_(rows @ lora_a.T, lora_b.T, alpha=scaling)
         scale = magnitude / norm
         out = h * scale if bias is None else torch.addcmul(bias, h, scale)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, ax, h, scale, norm)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, scale, norm)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, ax, h, scale, norm = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, _, need_m = ctx.needs_input_grad[:7]
-        grad_rows, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_m = torch.linalg.vecdot(grad_rows, h, dim=0) / norm if need_m else None
-        grad_h = grad_rows * scale
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x or need_a:
-            grad_ax = (grad_h @ lora_b).mul_(ctx.scaling)
-            if need_x:
-                grad_x = (grad_h @ weight).addmm_(grad_ax, lora_a).view(x.shape)
-            if need_a:
-                grad_a = grad_ax.T @ rows
-        if need_b:
-            grad_b = (ax.T @ grad_h).T.mul_(ctx.scaling)
-        if need_w:
-            grad_w = grad_h.T @ rows
-        if need_bias and ctx.has_bias:
-            grad_bias = grad_rows.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_m, None
+        x, weight, lora_a, lora_b, h, scale, norm = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_m = torch.linalg.vecdot(grad_rows, h, dim=0) / norm if ctx.needs_input_grad[6] else None
+        grads = _linear_backward(ctx, grad, grad_rows * scale, x, weight, lora_a, lora_b)
+        return *grads, grad_m, None
 
 
 def plus_low_rank(
