@@ -3,6 +3,7 @@ line, the same saved as transformers folders with a word-level tokenizer, and ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import warnings
@@ -27,6 +28,18 @@ from transformers import (
 warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 
 VOCAB = 100
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """bitsandbytes' CPU kernels use the system's OpenMP runtime and torch its own: on a small machine the
+    two thread pools spin against each other and every bitsandbytes call slows down a hundredfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_llama(seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:

@@ -13,7 +13,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, randomize_adapters, snapshot, tiny_bert, tiny_llama, train_and_check_frozen
+from conftest import (
+    VOCAB,
+    one_torch_thread,
+    randomize_adapters,
+    snapshot,
+    tiny_bert,
+    tiny_llama,
+    train_and_check_frozen,
+)
 from torch import nn
 
 from peftkit import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training, quantize
@@ -30,13 +38,10 @@ IDS_4BIT = ["nf4-double", "nf4", "fp4-double", "fp4"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """bitsandbytes' CPU kernels use the system's OpenMP runtime and torch its own: on a small machine the
-    two thread pools spin against each other and every bitsandbytes call slows down a hundredfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    """Every test here runs bitsandbytes."""
+    with one_torch_thread():
+        yield
 
 
 def quantized_llama(bits: int = 4, quant_type: str = "nf4", double_quant: bool = True) -> nn.Module:

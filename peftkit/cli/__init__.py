@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=16, help="rows per process per step")
     run.add_argument("--grad-accum", type=int, default=1)
     run.add_argument("--max-train-examples", type=int, help="train on at most this many rows")
+    run.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        help="QLoRA: the base's linear layers in bitsandbytes NF4 (double quantization) or int8; needs "
+        "bitsandbytes (pip install 'peftkit[qlora]'); eval loads the base the same way",
+    )
+    run.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory"
+    )
     run.add_argument("--logging-steps", type=int, default=10)
     run.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps")
     run.add_argument("--output", help="run folder (default runs/<model>-<method>)")

@@ -39,15 +39,18 @@ def read_run(adapter: Path) -> dict[str, Any]:
 
 
 def load_trained(
-    args: argparse.Namespace, run: dict[str, Any], task: str, labels: list[str]
+    args: argparse.Namespace, run: dict[str, Any], task: str, labels: list[str], quantized: bool = True
 ) -> tuple[nn.Module, Any]:
-    """The model with `--adapter` applied (or the whole model saved there), and its tokenizer."""
+    """The model with `--adapter` applied (or the whole model saved there), and its tokenizer. The base is
+    quantized as in training (QLoRA) where the run was and `quantized` allows."""
     adapter = Path(args.adapter)
+    head_labels = labels if task == "classification" else None
     if (adapter / CONFIG_NAME).is_file():
         folder = model_folder(args.model or run.get("model") or _missing("--model"))
-        base = load_model(folder, task, labels if task == "classification" else None, run.get("seed", 0))
+        bits = run.get("quantize") if quantized else None
+        base = load_model(folder, task, head_labels, run.get("seed", 0), bits)
         return PeftModel.from_pretrained(base, str(adapter)), load_tokenizer(folder)
-    return load_model(adapter, task, labels if task == "classification" else None), load_tokenizer(adapter)
+    return load_model(adapter, task, head_labels), load_tokenizer(adapter)
 
 
 def _missing(flag: str) -> Any:
@@ -102,7 +105,8 @@ def run_merge(args: argparse.Namespace) -> None:
         raise SystemExit(f"--adapter {args.adapter} holds a whole model (--method {FULL}); nothing to merge.")
     task = run.get("task") or "causal-lm"
     labels = run.get("labels") or []
-    model, tokenizer = load_trained(args, run, task, labels)
+    # A QLoRA adapter is merged into the float32 base, not the 4-bit one: a plain model to load anywhere.
+    model, tokenizer = load_trained(args, run, task, labels, quantized=False)
     merged = model.merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))

@@ -111,15 +111,19 @@ def load_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
-def load_model(folder: Path, task: str, labels: list[str] | None = None, seed: int = 0) -> nn.Module:
+def load_model(
+    folder: Path, task: str, labels: list[str] | None = None, seed: int = 0, quantize_bits: int | None = None
+) -> nn.Module:
     """The pretrained model in float32 with the head `task` needs. A classification head is new, drawn
-    from `seed`, so that reloading an adapter for it on another run rebuilds the same starting head."""
+    from `seed`, so that reloading an adapter for it on another run rebuilds the same starting head.
+    `quantize_bits` 4 or 8 puts the linear layers (not the head) in bitsandbytes NF4 with double
+    quantization, or int8: the QLoRA base."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         model.config.use_cache = False
-        return model
+        return _quantized(model, quantize_bits)
     names = labels or []
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -131,4 +135,13 @@ def load_model(folder: Path, task: str, labels: list[str] | None = None, seed: i
     )
     if model.config.pad_token_id is None:  # decoder classifiers pick the last non-pad token
         model.config.pad_token_id = load_tokenizer(folder).pad_token_id
-    return model
+    return _quantized(model, quantize_bits)
+
+
+def _quantized(model: nn.Module, bits: int | None) -> nn.Module:
+    if bits is None:
+        return model
+    from ..quantization import quantize
+
+    # transformers' classification heads: trained in full with the adapter, so kept in float32
+    return quantize(model, bits=bits, skip_modules=["classifier", "score"])

@@ -31,6 +31,7 @@ from transformers import (
 
 from ..config import PeftConfig, TaskType, atomic_write
 from ..peft_model import PeftModel, get_peft_model
+from ..quantization import prepare_model_for_kbit_training
 from ..registry import METHODS, method_for
 from ..serialization import load_adapter_weights, read_weights
 from .data import Collator, Dataset, causal_lm_features, classification_features, load_dataset, split
@@ -207,7 +208,12 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
     total_steps = max_steps if max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
 
     set_seed(args.seed)
-    model = load_model(folder, task, labels if task == "classification" else None, args.seed)
+    model = load_model(folder, task, labels if task == "classification" else None, args.seed, args.quantize)
+    if args.quantize:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.enable_input_require_grads()
     if args.method != FULL:
         config = build_config(args, task, total_steps)
         model = get_peft_model(model, config)
@@ -234,6 +240,7 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
         "test_fraction": args.test_fraction,
         "seed": args.seed,
         "method": args.method,
+        "quantize": args.quantize,
     }
     metrics_path = output / METRICS_FILE
     previous = json.loads(metrics_path.read_text()) if args.resume and metrics_path.is_file() else {}

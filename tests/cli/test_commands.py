@@ -7,6 +7,7 @@ import json
 import peft
 import pytest
 import torch
+from conftest import one_torch_thread
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -185,3 +186,24 @@ def test_full_fine_tuning_saves_and_evaluates_the_whole_model(
     assert cli("eval", "--adapter", output, "--json") == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["accuracy"] == json.loads((output / "metrics.json").read_text())["after"]["accuracy"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_from_the_command_line(bits, causal_folder, sentiment_csv, tmp_path, capsys):
+    """--quantize: the base's linear layers in bitsandbytes, training lowers the answers' perplexity, eval
+    rebuilds the quantized base (same metrics), merge writes a float32 model."""
+    pytest.importorskip("bitsandbytes")
+    output = tmp_path / "qlora"
+    extra = ["--max-steps", 20, "--lr", 1e-2, "--quantize", bits, "--max-eval-examples", 16]
+    with one_torch_thread():
+        assert cli(*train_args(causal_folder, sentiment_csv, output, *extra)) == 0
+        capsys.readouterr()
+        assert cli("eval", "--adapter", output, "--json") == 0
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert cli("merge", "--adapter", output, "--output", tmp_path / "merged") == 0
+    run = json.loads((output / "peftkit_run.json").read_text())
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert run["quantize"] == bits and metrics["after"]["perplexity"] < metrics["before"]["perplexity"]
+    assert printed["perplexity"] == pytest.approx(metrics["after"]["perplexity"], rel=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear

@@ -16,7 +16,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import VOCAB, randomize_adapters, tiny_llama
+from conftest import VOCAB, one_torch_thread, randomize_adapters, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -39,13 +39,10 @@ CASES = {  # quantization, LoraConfig options
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """bitsandbytes' CPU kernels use the system's OpenMP runtime and torch its own: on a small machine the
-    two thread pools spin against each other and every bitsandbytes call slows down a hundredfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    """Every test here runs bitsandbytes."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
