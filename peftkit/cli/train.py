@@ -298,35 +298,41 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
     trainer.model_accepts_loss_kwargs = task == "causal-lm"
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
 
-    if not main_process:
-        return {}
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output))
-    if args.method == FULL:
-        tokenizer.save_pretrained(str(output))
-        saved = [p.name for p in output.iterdir() if p.is_file() and p.name not in (RUN_FILE, METRICS_FILE)]
-    else:
-        saved = ["adapter_config.json", "adapter_model.safetensors"]
-    write_json(output / RUN_FILE, run)
-    after = evaluate(
-        model, tokenizer, task, test_rows, labels, template, args.max_length, args.eval_batch_size
-    )
-    size = folder_size(output, saved)
-    metrics = {
-        "before": before,
-        "after": after,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "optimizer_steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "saved_bytes": size,
-        "train_rows": len(train_rows),
-        "held_out_rows": len(test_rows),
-        "elapsed_seconds": round(time.perf_counter() - started, 1),
-    }
-    write_json(metrics_path, metrics)
-    print(f"held-out after training:  {format_metrics(after)}")
-    what = "model" if args.method == FULL else "adapter"
-    print(f"{what} saved to {output}: {size / 1024:,.0f} KiB ({', '.join(saved)})")
-    print(f"elapsed: {metrics['elapsed_seconds']:.0f} s")
-    return metrics
+    try:
+        if not main_process:
+            return {}
+        output.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(output))
+        if args.method == FULL:
+            tokenizer.save_pretrained(str(output))
+            run_files = {RUN_FILE, METRICS_FILE}
+            saved = [p.name for p in output.iterdir() if p.is_file() and p.name not in run_files]
+        else:
+            saved = ["adapter_config.json", "adapter_model.safetensors"]
+        write_json(output / RUN_FILE, run)
+        after = evaluate(
+            model, tokenizer, task, test_rows, labels, template, args.max_length, args.eval_batch_size
+        )
+        size = folder_size(output, saved)
+        metrics = {
+            "before": before,
+            "after": after,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "optimizer_steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "saved_bytes": size,
+            "train_rows": len(train_rows),
+            "held_out_rows": len(test_rows),
+            "elapsed_seconds": round(time.perf_counter() - started, 1),
+        }
+        write_json(metrics_path, metrics)
+        print(f"held-out after training:  {format_metrics(after)}")
+        what = "model" if args.method == FULL else "adapter"
+        print(f"{what} saved to {output}: {size / 1024:,.0f} KiB ({', '.join(saved)})")
+        print(f"elapsed: {metrics['elapsed_seconds']:.0f} s")
+        return metrics
+    finally:
+        if torch.distributed.is_initialized():  # the ranks leave together, once rank 0 has written the run
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
