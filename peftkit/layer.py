@@ -133,6 +133,8 @@ class ModelAdapter(SavedState, nn.Module):
     * `exports`: names of methods that `PeftModel` exposes while the adapter is active
       (`model.update_and_allocate(step)` calls this module's `update_and_allocate`).
     * `layer_adapters`: set by the core after injection, module name -> this adapter's `LayerAdapter`s.
+    * `training_state` / `load_training_state`: tensors besides parameters that training carries from step
+      to step (running statistics); checkpoints keep them so that a resumed run continues exactly.
     """
 
     rewrites_inputs: ClassVar[bool] = False
@@ -153,6 +155,13 @@ class ModelAdapter(SavedState, nn.Module):
 
     def finish_outputs(self, outputs: Any) -> Any:
         return outputs
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"{type(self).__name__} keeps no training state; got {sorted(tensors)[:5]}.")
 
 
 # ---- mixed batches ---------------------------------------------------------------------------------

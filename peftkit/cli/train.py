@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -39,6 +40,8 @@ from .metrics import evaluate
 from .models import DEMO_DEFAULTS, is_causal_lm, load_model, load_tokenizer, model_folder
 
 RUN_FILE = "peftkit_run.json"
+TRAINING_STATE = "training_state.safetensors"
+MODEL_ADAPTER_STATE = "model_adapter_state:"  # key prefix of model adapters' running state in TRAINING_STATE
 METRICS_FILE = "metrics.json"
 FULL = "full"
 # Flags for the options most methods share; each maps to the config field of that name or alias.
@@ -111,19 +114,51 @@ def infer_task(requested: str | None, dataset: Dataset, causal: bool) -> str:
 
 
 class AdapterTrainer(Trainer):
-    """transformers' Trainer whose checkpoints hold only the adapter (peft's files), not the base model."""
+    """transformers' Trainer whose checkpoints hold the adapter (peft's files), not the base model, plus
+    TRAINING_STATE, which resuming loads: every trainable tensor as it is in training (diff pruning's files
+    hold the projected sparse diff, not the gated dense one) and the model adapters' running state
+    (AdaLoRA's importance scores)."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PeftModel):
             return super()._save(output_dir, state_dict)
-        model.save_pretrained(output_dir or self.args.output_dir, is_main_process=self.args.should_save)
+        output_dir = output_dir or self.args.output_dir
+        model.save_pretrained(output_dir, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            for name, adapter in model.model_adapters.items():
+                running = adapter.training_state()
+                state |= {f"{MODEL_ADAPTER_STATE}{name}:{key}": t.contiguous() for key, t in running.items()}
+            save_file(state, os.path.join(output_dir, TRAINING_STATE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)
         if not isinstance(model, PeftModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_adapter_weights(model, model.active_adapter, read_weights(resume_from_checkpoint))
+        state = os.path.join(resume_from_checkpoint, TRAINING_STATE)
+        if not os.path.isfile(state):  # a checkpoint with the adapter files only
+            load_adapter_weights(model, model.active_adapter, read_weights(resume_from_checkpoint))
+            return
+        saved = load_file(state)
+        running: dict[str, dict[str, torch.Tensor]] = {name: {} for name in model.model_adapters}
+        for key in [k for k in saved if k.startswith(MODEL_ADAPTER_STATE)]:
+            name, _, inner = key.removeprefix(MODEL_ADAPTER_STATE).partition(":")
+            running.setdefault(name, {})[inner] = saved.pop(key)
+        for name, tensors in running.items():
+            model.model_adapters[name].load_training_state(tensors)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        missing, extra = sorted(trainable.keys() - saved.keys()), sorted(saved.keys() - trainable.keys())
+        reshaped = [n for n in trainable.keys() & saved.keys() if trainable[n].shape != saved[n].shape]
+        if missing or extra or reshaped:
+            raise ValueError(
+                f"{state} does not match this run's trainable tensors; were the method's options changed? "
+                f"Missing {missing[:3]}, extra {extra[:3]}, other shape {sorted(reshaped)[:3]}. Resume with "
+                "the options the run started with."
+            )
+        with torch.no_grad():
+            for name, tensor in trainable.items():
+                tensor.copy_(saved[name])
 
 
 class LossProgressBar(TrainerCallback):

@@ -280,6 +280,23 @@ class RankAllocator(ModelAdapter):
                     if keep is not None:
                         layer.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The running importance scores (Ī, Ū) as "<module>/<tensor>/smooth" and ".../uncertainty"."""
+        state = {}
+        for (name, tensor_name), (smooth, uncertainty) in self.scores.items():
+            state[f"{name}/{tensor_name}/smooth"] = smooth
+            state[f"{name}/{tensor_name}/uncertainty"] = uncertainty
+        return state
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        scores: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, tensor_name, kind = key.rsplit("/", 2)
+            if name not in self.layer_adapters:
+                raise ValueError(f"AdaLoRA training state names a layer this model lacks: {name!r}.")
+            scores.setdefault((name, tensor_name), {})[kind] = tensor
+        self.scores = {key: (pair["smooth"], pair["uncertainty"]) for key, pair in scores.items()}
+
     def _update_scores(self) -> None:
         b1, b2 = self.config.beta1, self.config.beta2
         with torch.no_grad():

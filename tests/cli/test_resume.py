@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from peftkit.cli import build_parser, main
-from peftkit.cli.train import train
+from peftkit.cli.train import method_choices, train
 
 
 class Crash(TrainerCallback):
@@ -24,14 +24,23 @@ class Crash(TrainerCallback):
             raise RuntimeError("killed")
 
 
-@pytest.mark.parametrize("model", ["encoder_folder", "causal_folder"])
-def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(model, sentiment_csv, tmp_path, request):
-    folder = request.getfixturevalue(model)
+CASES = {  # dropout on where the method has it, so the restored random state matters too
+    "lora-encoder": ("encoder_folder", ["--dropout", 0.1]),
+    "lora-causal": ("causal_folder", ["--dropout", 0.1]),
+    **{method: ("encoder_folder", []) for method in method_choices() if method != "lora"},
+}
 
-    def argv(output):  # dropout on, so the restored random state matters too
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(case, sentiment_csv, tmp_path, request):
+    fixture, extra = CASES[case]
+    folder = request.getfixturevalue(fixture)
+    method = "lora" if case.startswith("lora") else case
+
+    def argv(output):
         return [
             "train", "--model", folder, "--data", sentiment_csv, "--output", output, "--batch-size", 8,
-            "--max-steps", 8, "--save-steps", 3, "--dropout", 0.1, "--lr", 1e-2,
+            "--max-steps", 8, "--save-steps", 3, "--lr", 1e-2, "--method", method, *extra,
         ]  # fmt: skip
 
     assert main([str(a) for a in argv(tmp_path / "whole")]) == 0
@@ -43,11 +52,23 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(model, sentim
     ).read_text().count("after")
     assert main([str(a) for a in argv(tmp_path / "crashed")] + ["--resume"]) == 0
 
-    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "crashed" / "adapter_model.safetensors")
+    saved = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    whole, resumed = (load_file(tmp_path / run / saved) for run in ("whole", "crashed"))
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     first, second = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("whole", "crashed"))
     assert first["after"] == second["after"] and first["before"] == second["before"]
     assert second["optimizer_steps"] == 8
+
+
+def test_resuming_with_other_options_is_refused(encoder_folder, sentiment_csv, tmp_path, capsys):
+    argv = ["train", "--model", encoder_folder, "--data", sentiment_csv, "--output", tmp_path / "run"]
+    argv += ["--batch-size", 8, "--max-steps", 4, "--save-steps", 2]
+    with pytest.raises(RuntimeError, match="killed"):
+        train(build_parser().parse_args([str(a) for a in argv]), callbacks=[Crash(3)])
+    assert main([str(a) for a in argv] + ["--resume", "--r", "4"]) == 2
+    assert (
+        "does not match this run's trainable tensors; were the method's options changed?"
+        in capsys.readouterr().err
+    )
