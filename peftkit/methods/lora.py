@@ -286,16 +286,27 @@ class _DoraLinearFunction(torch.autograd.Function):
         h = rows @ weight.T
         h.addmm_(rows @ lora_a.T, lora_b.T, alpha=scaling)
         scale = magnitude / norm
-        out = h * scale if bias is None else torch.addcmul(bias, h, scale)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h, scale, norm)
+        # Rescaled in place where every m is non-zero: then Σ g·h = Σ g·(out - b) / (m/n) needs only `out`.
+        ctx.in_place = bool((magnitude != 0).all())
+        if ctx.in_place:
+            out = h.mul_(scale) if bias is None else h.mul_(scale).add_(bias)
+            ctx.save_for_backward(x, weight, lora_a, lora_b, out, scale, magnitude, bias)
+        else:
+            out = h * scale if bias is None else torch.addcmul(bias, h, scale)
+            ctx.save_for_backward(x, weight, lora_a, lora_b, h, scale, norm, None)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, h, scale, norm = ctx.saved_tensors
+        x, weight, lora_a, lora_b, kept, scale, divisor, bias = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_m = torch.linalg.vecdot(grad_rows, h, dim=0) / norm if ctx.needs_input_grad[6] else None
+        grad_m = None
+        if ctx.needs_input_grad[6]:  # Σ g·h / n, from h, or from out = (m/n)·h + b
+            grad_m = torch.linalg.vecdot(grad_rows, kept, dim=0)
+            if ctx.in_place and bias is not None:
+                grad_m -= bias * grad_rows.sum(0)
+            grad_m /= divisor
         grads = _linear_backward(ctx, grad, grad_rows * scale, x, weight, lora_a, lora_b)
         return *grads, grad_m, None
 

@@ -431,6 +431,7 @@ GRADIENT_CASES = {
     "lora": (tiny_llama, {"target_modules": "all-linear"}),
     "dora": (tiny_llama, {"target_modules": "all-linear", "use_dora": True}),
     "bias-all": (tiny_bert, {"target_modules": BERT_QV, "bias": "all"}),  # the base biases train too
+    "dora-bias": (tiny_bert, {"target_modules": BERT_QV, "use_dora": True}),  # DoRA over layers with a bias
 }
 
 

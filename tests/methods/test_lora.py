@@ -224,6 +224,36 @@ def test_lora_gradients_equal_autograd_on_the_formula(name, x_needs_grad, dropou
     assert layer.base_layer.weight.grad is None
 
 
+@pytest.mark.parametrize("zero_magnitude", [False, True])
+def test_dora_gradients_equal_autograd_on_the_formula(zero_magnitude):
+    """DoRA's training Function (m/n rescaled in place when no m is 0, kept apart otherwise) against
+    autograd on out = m ⊙ (W x + s·B A x) / n + b with n held constant."""
+    ref, toy = wrap_toy(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False, use_dora=True)
+    a = adapter(toy.lin)
+    if zero_magnitude:
+        with torch.no_grad():
+            a.lora_magnitude_vector[1] = 0.0
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    grad = torch.randn(2, 3, 5)
+    toy.lin(x).backward(grad)
+    A, B, m = (
+        t.detach().clone().requires_grad_()
+        for t in (a.lora_A.weight, a.lora_B.weight, a.lora_magnitude_vector)
+    )
+    x_ref = x.detach().clone().requires_grad_()
+    weight, bias = ref.lin.weight, ref.lin.bias
+    norm = torch.linalg.norm(weight + 2 * B @ A, dim=1).detach()
+    expected = m * (x_ref @ weight.T + 2 * (x_ref @ A.T @ B.T)) / norm + bias
+    expected.backward(grad)
+    for ours, theirs in [
+        (a.lora_magnitude_vector.grad, m.grad),
+        (a.lora_A.weight.grad, A.grad),
+        (x.grad, x_ref.grad),
+    ]:
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.lora_B.weight.grad, B.grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_training_under_autocast_takes_the_plain_path(use_dora):
     """Under bfloat16 autocast the fused training Functions step aside (their in-place adds would meet mixed
