@@ -1,6 +1,6 @@
 """Speed and memory of peftkit against Hugging Face peft, both run side by side in one process.
 
-    python benchmarks/speed.py [--rounds 9] [--warmup 2] [--threads 2] [--json speed.json] [--profile]
+    python benchmarks/speed.py [--rounds 15] [--warmup 2] [--threads 2] [--json speed.json] [--profile]
 
 The model is a Llama of 33.5M parameters built from a LlamaConfig (hidden 512, 8 layers, 8 heads, 8 KV
 heads, intermediate 1376, vocabulary 8000, seeded random weights; benchmarks/qlora.py builds it), on the
@@ -577,7 +577,7 @@ PHASES: dict[str, tuple[str, Callable[[Path, argparse.Namespace, Checks], dict[s
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (at least 7)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (at least 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per library (median)")
