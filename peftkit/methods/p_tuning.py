@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import enum
 import warnings
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..config import PeftConfig, check_choice, method_config
+from ..config import check_choice, method_config
 from ..layer import ModelAdapter, copy_strict
 from ..registry import Method, register_method
-from .prompt_tuning import VirtualTokens, complete_prompt_config
+from .prompt_tuning import VirtualTokenConfig, VirtualTokens, complete_prompt_config
 
 MLP_HIDDEN_LAYERS = 2  # the MLP encoder's depth, fixed as in Hugging Face peft
 
@@ -37,7 +37,7 @@ class PromptEncoderReparameterizationType(str, enum.Enum):
 
 
 @method_config
-class PromptEncoderConfig(PeftConfig):
+class PromptEncoderConfig(VirtualTokenConfig):
     """P-tuning's prompt encoder. Field names and defaults are Hugging Face peft's.
 
     `encoder_hidden_size` None means the model's token_dim. `encoder_num_layers` and `encoder_dropout`
@@ -45,10 +45,6 @@ class PromptEncoderConfig(PeftConfig):
 
     peft_type: ClassVar[str] = "P_TUNING"
     default_learning_rate: ClassVar[float] = 3e-3
-
-    @classmethod
-    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
-        return {"num_virtual_tokens": 20}
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None

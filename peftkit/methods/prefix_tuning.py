@@ -23,22 +23,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftConfig, TaskType, check_choice, method_config
+from ..config import TaskType, check_choice, method_config
 from ..layer import ModelAdapter, copy_strict
 from ..registry import Method, register_method
+from .prompt_tuning import VirtualTokenConfig
 
 
 @method_config
-class PrefixTuningConfig(PeftConfig):
+class PrefixTuningConfig(VirtualTokenConfig):
     """Prefix of `num_virtual_tokens` key/value vectors per layer. Field names and defaults are Hugging Face
     peft's; the model's dimensions (token_dim, num_layers, ...) are read off the model when left None."""
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     default_learning_rate: ClassVar[float] = 1e-2
-
-    @classmethod
-    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
-        return {"num_virtual_tokens": 20}
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None

@@ -30,16 +30,20 @@ class PromptTuningInit(str, enum.Enum):
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
 
 
+class VirtualTokenConfig(PeftConfig):
+    """What the configs of methods that learn virtual tokens share (no fields of its own)."""
+
+    @classmethod
+    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
+        return {"num_virtual_tokens": 20}  # `num_virtual_tokens` has no default in peft; 20 is its examples'
+
+
 @method_config
-class PromptTuningConfig(PeftConfig):
+class PromptTuningConfig(VirtualTokenConfig):
     """Soft prompt of `num_virtual_tokens` embeddings. Field names and defaults are Hugging Face peft's."""
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     default_learning_rate: ClassVar[float] = 3e-2
-
-    @classmethod
-    def training_defaults(cls, total_steps: int) -> dict[str, Any]:
-        return {"num_virtual_tokens": 20}
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None
