@@ -35,7 +35,7 @@ class VirtualTokenConfig(PeftConfig):
 
     @classmethod
     def training_defaults(cls, total_steps: int) -> dict[str, Any]:
-        return {"num_virtual_tokens": 20}  # `num_virtual_tokens` has no default in peft; 20 is its examples'
+        return {"num_virtual_tokens": 20}  # these configs require it; 20 unless told otherwise
 
 
 @method_config
