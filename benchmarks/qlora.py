@@ -455,12 +455,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+def quiet_torch(threads: int) -> None:
+    """The benchmarks' process settings: `threads` torch threads, no transformers logs, bars or warnings."""
+    torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.simplefilter("ignore")
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_torch(args.threads)
     if args.memory_child:
         folder, mode = args.memory_child
         figures = memory_child(Path(folder), mode, args.memory_steps, args.gradient_checkpointing)

@@ -54,7 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -599,10 +598,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.simplefilter("ignore")
+    qlora.quiet_torch(args.threads)
     if args.memory_child:
         lib, folder = args.memory_child
         print(json.dumps(memory_child(lib, Path(folder), args.memory_steps)))

@@ -73,14 +73,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     if split_name == "test":
         rows = split(rows, run.get("test_fraction", args.test_fraction), run.get("seed", args.seed))[1]
     rows = rows[: args.max_eval_examples]
-    folder_for_task = Path(args.adapter) if not (Path(args.adapter) / CONFIG_NAME).is_file() else None
     task = args.task or run.get("task")
-    if task is None:
-        causal = is_causal_lm(folder_for_task or model_folder(args.model or _missing("--model")))
-        task = "causal-lm" if causal else "classification"
+    if task is None:  # a whole model, or an adapter saved without a task type: ask the model
+        adapter = Path(args.adapter)
+        has_adapter = (adapter / CONFIG_NAME).is_file()
+        folder = model_folder(args.model or _missing("--model")) if has_adapter else adapter
+        task = "causal-lm" if is_causal_lm(folder) else "classification"
     labels = run.get("labels") or dataset.labels
     unknown = sorted({e.label for e in rows if e.label is not None} - set(labels))
-    if unknown and dataset.has_labels:
+    if unknown:
         raise SystemExit(f"The data has labels the model was not trained on: {unknown}; it knows {labels}.")
     model, tokenizer = load_trained(args, run, task, labels)
     template = args.prompt_template or run.get("prompt_template") or dataset.prompt_template

@@ -45,10 +45,6 @@ class Dataset:
     def has_labels(self) -> bool:
         return any(e.label is not None for e in self.examples)
 
-    @property
-    def has_responses(self) -> bool:
-        return any(e.response is not None for e in self.examples)
-
 
 def _is_number(text: str) -> bool:
     try:

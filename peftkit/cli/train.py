@@ -196,12 +196,12 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" if k != "perplexity" else f"{k} {v:.2f}" for k, v in metrics.items())
 
 
-def apply_demo_defaults(args: argparse.Namespace) -> None:
+def apply_demo_defaults(args: argparse.Namespace, announce: bool) -> None:
     """A built-in model's run length (DEMO_DEFAULTS) for the options the user left unset."""
     chosen = {k: v for k, v in DEMO_DEFAULTS.get(args.model, {}).items() if getattr(args, k) is None}
     for option, value in chosen.items():
         setattr(args, option, value)
-    if chosen and int(os.environ.get("RANK", "0")) == 0:
+    if chosen and announce:
         shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
         print(f"{args.model} demo settings: {shown} (set them to change)")
 
@@ -220,7 +220,7 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
             f"{output} already holds a run's checkpoints. Pass --resume to continue it, or another --output."
         )
 
-    apply_demo_defaults(args)
+    apply_demo_defaults(args, announce=main_process)
     folder = model_folder(args.model)
     dataset = load_dataset(
         args.data, args.text_column, args.label_column, args.prompt_column, args.response_column

@@ -75,6 +75,23 @@ def test_eval_on_all_rows_of_a_file(classifier_run, sentiment_csv, capsys):
     assert printed["examples"] == 160 and 0.9 <= printed["accuracy"] <= 1  # every row, repeats too
 
 
+def test_eval_of_an_adapter_made_elsewhere(classifier_run, encoder_folder, sentiment_csv, tmp_path, capsys):
+    """Without peftkit_run.json (an adapter saved from Python or by peft) the task comes from
+    adapter_config.json and the labels from the data; told the same split, eval gives the same metrics."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (bare / name).write_bytes((classifier_run / name).read_bytes())
+    capsys.readouterr()
+    argv = ["eval", "--adapter", bare, "--model", encoder_folder, "--data", sentiment_csv, "--split", "test"]
+    assert cli(*argv, "--json") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = json.loads((classifier_run / "metrics.json").read_text())["after"]
+    assert {k: printed[k] for k in after} == after
+    with pytest.raises(SystemExit, match="--model is needed"):
+        cli("eval", "--adapter", bare, "--data", sentiment_csv)
+
+
 def test_the_adapter_loads_in_hugging_face_peft_with_the_same_outputs(classifier_run, encoder_folder):
     tokenizer = AutoTokenizer.from_pretrained(encoder_folder)
     batch = tokenizer(["the film was good", "awful plot"], return_tensors="pt", padding=True)

@@ -61,7 +61,7 @@ def test_prompt_and_response_columns_are_found_without_being_named(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"prompt": "2+2?", "response": "4"}) + "\n")
     data = load_dataset(str(path))
-    assert data.examples == [Example("2+2?", None, "4")] and data.has_responses and not data.has_labels
+    assert data.examples == [Example("2+2?", None, "4")] and not data.has_labels
 
 
 def test_unknown_data_says_what_is_accepted(tmp_path):
