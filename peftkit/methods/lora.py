@@ -373,11 +373,15 @@ class DoraMagnitude:
         return self.lora_A.weight, self.lora_B.weight
 
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
-        """‖W + s·B A‖ (`compute_norm`), computed again only once W, A or B has changed: in eval it is
-        computed once, in training once per optimizer step. An inference-mode result is not reused outside
-        inference mode, where autograd could not save it."""
-        weights = tensor_versions(base_layer.weight, *self.low_rank_factors())
-        key = (weights, torch.is_inference_mode_enabled())
+        """‖W + s·B A‖ (`compute_norm`). With gradients on it is computed in every forward: fused optimizers
+        (`AdamW(fused=True)`, transformers' Trainer's default) write the weights without bumping their
+        version counters, so nothing tells that a step has moved them. Without gradients it is kept until
+        W, A or B is written (their versions change) or a forward with gradients runs, after which an
+        optimizer step may follow."""
+        if torch.is_grad_enabled():
+            self.norm_cache = None
+            return self.compute_norm(base_layer)
+        key = tensor_versions(base_layer.weight, *self.low_rank_factors())
         if self.norm_cache is None or self.norm_cache[0] != key:
             self.norm_cache = (key, self.compute_norm(base_layer))
         return self.norm_cache[1]
@@ -542,16 +546,21 @@ class DoraLinear(DoraMagnitude, LoraLinear):
 
     def compute_norm(self, base_layer: nn.Module) -> torch.Tensor:
         """‖W + s·B A‖ per row, from ‖W_i‖² + 2s·B_i·(W Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ: one pass over W (a GEMM
-        with r columns) instead of writing W + s·B A and reading it again; ‖W_i‖² is kept while W is
-        unchanged. Exact up to rounding unless s·B A nearly cancels W."""
+        with r columns) instead of writing W + s·B A and reading it again; ‖W_i‖² is kept while a frozen W
+        is unchanged. Exact up to rounding unless s·B A nearly cancels W."""
         weight = weight_out_in(base_layer).detach()
         lora_a, lora_b = (t.detach().to(weight.dtype) for t in self.low_rank_factors())
-        key = tensor_versions(base_layer.weight)
-        if self.base_row_norms is None or self.base_row_norms[0] != key:
-            self.base_row_norms = (key, weight.square().sum(1))
+        if base_layer.weight.requires_grad:  # W trains too: it moves with every step (see weight_norm)
+            self.base_row_norms = None
+            row_norms = weight.square().sum(1)
+        else:
+            key = tensor_versions(base_layer.weight)
+            if self.base_row_norms is None or self.base_row_norms[0] != key:
+                self.base_row_norms = (key, weight.square().sum(1))
+            row_norms = self.base_row_norms[1]
         cross = (lora_b * (weight @ lora_a.T)).sum(1)  # B_i · (W Aᵀ)_i = W_i · (B A)_i
         low_rank = (lora_b @ (lora_a @ lora_a.T) * lora_b).sum(1)  # ‖(B A)_i‖²
-        squared = self.base_row_norms[1] + 2 * self.scaling * cross + self.scaling**2 * low_rank
+        squared = row_norms + 2 * self.scaling * cross + self.scaling**2 * low_rank
         return squared.clamp_min(0).sqrt()
 
     def merge_norm(self, base_layer: nn.Module) -> torch.Tensor:

@@ -300,7 +300,7 @@ def count_norms(monkeypatch, kind: type) -> list:
 
 
 @pytest.mark.parametrize("name", ["lin", "conv1d"])
-def test_dora_norm_is_computed_again_exactly_when_w_a_or_b_change(name, monkeypatch):
+def test_dora_norm_without_gradients_is_computed_again_exactly_when_w_a_or_b_change(name, monkeypatch):
     ref, toy = wrap_toy(use_dora=True, target_modules=[name], init_lora_weights=False)
     layer, x = getattr(toy, name), toy_inputs()[name]
     a = adapter(layer)
@@ -312,16 +312,10 @@ def test_dora_norm_is_computed_again_exactly_when_w_a_or_b_change(name, monkeypa
             torch.testing.assert_close(layer(x), dora_expected(layer, x), atol=1e-5, rtol=1e-5)
         assert len(calls) == computed
 
-    check(0)  # the norm computed when the adapter was made
-    check(0)
+    check(1)  # computed in the first forward without gradients
+    check(1)
     with torch.no_grad():
         a.lora_magnitude_vector.mul_(1.5)  # m is not part of the norm
-    check(0)
-    toy.train()
-    optimizer = torch.optim.AdamW(a.parameters(), lr=0.1)
-    layer(x).pow(2).sum().backward()
-    optimizer.step()  # A, B and m move
-    assert len(calls) == 0
     check(1)
     with torch.no_grad():
         a.lora_B.weight.add_(0.1)
@@ -341,6 +335,30 @@ def test_dora_norm_is_computed_again_exactly_when_w_a_or_b_change(name, monkeypa
     check(6)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", ["lin", "conv1d"])
+def test_dora_follows_every_optimizer_step_in_training_and_in_eval_between_steps(name, fused, monkeypatch):
+    """The Trainer's loop: training steps with evaluation (no gradients) in between. A fused AdamW writes
+    A, B and m without bumping their version counters; the norm must still follow every step."""
+    ref, toy = wrap_toy(use_dora=True, target_modules=[name], init_lora_weights=False)
+    layer, x = getattr(toy, name), toy_inputs()[name]
+    a = adapter(layer)
+    calls = count_norms(monkeypatch, type(a))
+    optimizer = torch.optim.AdamW(a.parameters(), lr=0.1, fused=fused)
+    for step in range(3):
+        toy.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dora_expected(layer, x), atol=1e-5, rtol=1e-5)
+            layer(x)  # kept while nothing changes
+        toy.train()
+        out = layer(x)
+        torch.testing.assert_close(out, dora_expected(layer, x), atol=1e-5, rtol=1e-5)
+        out.pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert len(calls) == 2 * step + 2  # once in eval (then kept), once in training
+
+
 def test_dora_norm_from_inference_mode_is_not_saved_for_backward(monkeypatch):
     ref, toy = wrap_toy(use_dora=True, target_modules=["lin"], init_lora_weights=False)
     a, x = adapter(toy.lin), toy_inputs()["lin"]
@@ -351,8 +369,9 @@ def test_dora_norm_from_inference_mode_is_not_saved_for_backward(monkeypatch):
     assert len(calls) == 1
     toy.lin(x).sum().backward()  # would raise if the inference-mode norm were saved for backward
     assert len(calls) == 2 and a.lora_magnitude_vector.grad is not None
-    toy.lin(x)
-    assert len(calls) == 2
+    with torch.no_grad():
+        toy.lin(x)
+    assert len(calls) == 3  # a step may have followed the forward with gradients
 
 
 def test_dora_norms_equal_the_direct_formula():
@@ -380,7 +399,7 @@ def test_dora_embedding_norm_follows_its_factors(monkeypatch):
         toy.emb(x)
         a.lora_embedding_B.add_(1.0)
         out = toy.emb(x)
-    assert len(calls) == 1  # the norm from when the adapter was made, then one
+    assert len(calls) == 2  # in the first forward, then again once B had changed
     combined = ref.emb.weight + a.scaling * (a.lora_embedding_B @ a.lora_embedding_A).T.detach()
     expected = a.lora_magnitude_vector.detach() * combined[x] / combined.norm(dim=0)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
