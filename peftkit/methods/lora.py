@@ -558,10 +558,10 @@ class DoraLinear(DoraMagnitude, LoraLinear):
             if self.base_row_norms is None or self.base_row_norms[0] != key:
                 self.base_row_norms = (key, weight.square().sum(1))
             row_norms = self.base_row_norms[1]
-        cross = (lora_b * (weight @ lora_a.T)).sum(1)  # B_i · (W Aᵀ)_i = W_i · (B A)_i
-        low_rank = (lora_b @ (lora_a @ lora_a.T) * lora_b).sum(1)  # ‖(B A)_i‖²
-        squared = row_norms + 2 * self.scaling * cross + self.scaling**2 * low_rank
-        return squared.clamp_min(0).sqrt()
+        s = self.scaling
+        # B_i · (2s·W Aᵀ + s²·B A Aᵀ)_i = 2s·W_i·(B A)_i + s²·‖(B A)_i‖², the product's sum in one addmm
+        terms = torch.addmm(lora_b @ (lora_a @ lora_a.T), weight, lora_a.T, beta=s * s, alpha=2 * s)
+        return torch.linalg.vecdot(lora_b, terms, dim=1).add_(row_norms).clamp_min_(0).sqrt_()
 
     def merge_norm(self, base_layer: nn.Module) -> torch.Tensor:
         """‖W + s·B A‖ from the sum itself: a merge rounds W + ΔW to the base's format once, so it takes the
