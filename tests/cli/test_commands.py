@@ -182,6 +182,22 @@ def test_causal_lm_learns_labels_as_answers(causal_folder, sentiment_csv, tmp_pa
     assert isinstance(AutoModelForCausalLM.from_pretrained(merged), torch.nn.Module)
 
 
+def test_dora_trained_by_the_trainer_evaluates_the_same_after_reloading(
+    causal_folder, sentiment_csv, tmp_path, capsys
+):
+    """The Trainer's default AdamW is fused: it moves A, B and m without bumping their version counters. The
+    held-out perplexity measured right after training must be the one a fresh load of the adapter gives."""
+    output = tmp_path / "dora"
+    extra = ["--max-steps", 6, "--lr", 1e-2, "--target-modules", "all-linear", "--set", "use_dora=true"]
+    assert cli(*train_args(causal_folder, sentiment_csv, output, *extra)) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["after"]["perplexity"] != pytest.approx(metrics["before"]["perplexity"], rel=1e-2)
+    capsys.readouterr()
+    assert cli("eval", "--adapter", output, "--json") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["perplexity"] == pytest.approx(metrics["after"]["perplexity"], rel=1e-6)
+
+
 def test_instruction_data_is_scored_by_exact_match_and_rouge(causal_folder, instructions_jsonl, tmp_path):
     output = tmp_path / "qa"
     extra = ["--max-steps", 200, "--lr", 1e-2, "--target-modules", "all-linear"]
