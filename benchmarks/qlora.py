@@ -188,7 +188,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
 def adamw(model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: torch's per-tensor CPU loop, or with `fused` one kernel for all
     of them (what transformers' Trainer runs by default with torch >= 2.8)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused or None)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
 
 
 # -------------------------------------------------------------------------------- 1. bytes per weight
