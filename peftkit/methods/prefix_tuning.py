@@ -5,8 +5,9 @@ Layer ℓ attends over [P_K^ℓ; K] and [P_V^ℓ; V] instead of K and V:
     h = softmax(Q [P_K^ℓ; K]ᵀ / √d_h) [P_V^ℓ; V],   P = E ∈ R^{n×2Ld}   or   P = W₂ tanh(W₁ E + b₁) + b₂
 
 (the second form, `prefix_projection=True`, is the paper's MLP reparameterisation, E ∈ R^{n×d}). The prefix
-reaches the model as a pre-filled transformers cache (`past_key_values`, transformers >= 4.56), built afresh
-for every forward from tensors that carry gradients to P; the attention mask grows by n ones.
+reaches the model as a pre-filled transformers cache (`past_key_values` from transformers 4.56, renamed
+`cache` in 5.24), built afresh for every forward from tensors that carry gradients to P; the attention mask
+grows by n ones.
 
 Layout, as in Hugging Face peft: row t of P is the t-th virtual token's keys and values for every layer,
 [K^0 | V^0 | K^1 | V^1 | …], each block d = heads × head_dim wide (key/value heads for grouped-query
@@ -67,8 +68,9 @@ class PrefixEncoder(ModelAdapter):
 
     rewrites_inputs = True
 
-    def __init__(self, config: PrefixTuningConfig, encoder_decoder: bool) -> None:
+    def __init__(self, config: PrefixTuningConfig, encoder_decoder: bool, cache_keyword: str) -> None:
         super().__init__()
+        self.cache_keyword = cache_keyword  # the model's forward argument for its cache
         n, d, layers = config.num_virtual_tokens, config.token_dim, config.num_layers
         self.num_virtual_tokens, self.num_heads = n, config.num_attention_heads
         self.head_dim = d // config.num_attention_heads
@@ -136,15 +138,16 @@ class PrefixEncoder(ModelAdapter):
         return self._with_prefix(inputs, model, batch_repeat=max(beams, returned))
 
     def _with_prefix(self, inputs: dict[str, Any], model: nn.Module, batch_repeat: int) -> dict[str, Any]:
-        if inputs.get("past_key_values") is not None:
+        given = [k for k in CACHE_KEYWORDS if inputs.get(k) is not None]
+        if given:
             raise ValueError(
-                "past_key_values is already set (by the caller, or by another active prefix-tuning "
+                f"{given[0]} is already set (by the caller, or by another active prefix-tuning "
                 "adapter). Prefix tuning fills the cache with its prefix itself: activate one prefix-tuning "
                 "adapter at a time, and use generate() to decode step by step."
             )
         batch, n = _rows(inputs).shape[0], self.num_virtual_tokens
         dtype = model.get_input_embeddings().weight.dtype
-        inputs["past_key_values"] = self.cache(batch * batch_repeat, dtype)
+        inputs[self.cache_keyword] = self.cache(batch * batch_repeat, dtype)
         mask_key = "decoder_attention_mask" if self.encoder_decoder else "attention_mask"
         if inputs.get(mask_key) is not None:
             mask = inputs[mask_key]
@@ -215,17 +218,24 @@ def _fill_dimensions(model: nn.Module, config: PrefixTuningConfig) -> None:
         )
 
 
-def _check_takes_cache(model: nn.Module) -> None:
-    if not any(
-        "past_key_values" in inspect.signature(m.forward).parameters
-        for m in model.modules()
-        if callable(getattr(m, "forward", None))
-    ):
-        raise ValueError(
-            "Prefix tuning hands its prefix to every attention layer through transformers' cache "
-            f"(past_key_values), which {type(model).__name__} does not take. Use prompt tuning "
-            "(PromptTuningConfig), which prepends embeddings to the input instead, or LoRA."
-        )
+# The forward argument transformers models take their attention cache under: `cache` from 5.24 (where
+# `past_key_values` still works, with a deprecation warning), `past_key_values` before.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The name under which `model` (or, for wrappers, the first submodule that does) takes its cache."""
+    for module in model.modules():
+        if callable(getattr(module, "forward", None)):
+            parameters = inspect.signature(module.forward).parameters
+            for keyword in CACHE_KEYWORDS:
+                if keyword in parameters:
+                    return keyword
+    raise ValueError(
+        "Prefix tuning hands its prefix to every attention layer through transformers' cache "
+        f"(past_key_values), which {type(model).__name__} does not take. Use prompt tuning "
+        "(PromptTuningConfig), which prepends embeddings to the input instead, or LoRA."
+    )
 
 
 def _check_no_checkpointing(model: nn.Module) -> None:
@@ -252,8 +262,8 @@ class PrefixTuning(Method):
     config_class = PrefixTuningConfig
 
     def model_adapter(self, model: nn.Module, config: PrefixTuningConfig) -> ModelAdapter:
-        _check_takes_cache(model)
+        cache_keyword = _cache_keyword(model)
         _check_no_checkpointing(model)
         _fill_dimensions(model, config)
-        adapter = PrefixEncoder(config, encoder_decoder=_is_encoder_decoder(model, config))
+        adapter = PrefixEncoder(config, _is_encoder_decoder(model, config), cache_keyword)
         return adapter.to(model.get_input_embeddings().weight.device)

@@ -4,6 +4,7 @@ built by hand from the prefix's columns, and against hand-rolled decoding."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import (
     DistilBertForSequenceClassification,
     DynamicCache,
     EncoderDecoderCache,
+    LlamaForCausalLM,
 )
 
 from peftkit import NotMergeableError, PeftModel, get_peft_model
@@ -377,6 +379,39 @@ def test_a_model_without_a_cache_is_refused_with_a_pointer_to_prompt_tuning():
             DistilBertForSequenceClassification(config),
             PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N),
         )
+
+
+# transformers 5.24 renamed the models' forward argument past_key_values to cache
+LLAMA_ARGUMENTS = inspect.signature(LlamaForCausalLM.forward).parameters
+INSTALLED_KEYWORD = "cache" if "cache" in LLAMA_ARGUMENTS else "past_key_values"
+
+
+class LlamaTakingCache(LlamaForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, cache=None, **kwargs):
+        return super().forward(input_ids, attention_mask, **{INSTALLED_KEYWORD: cache}, **kwargs)
+
+
+class LlamaTakingPastKeyValues(LlamaForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        return super().forward(input_ids, attention_mask, **{INSTALLED_KEYWORD: past_key_values}, **kwargs)
+
+
+@pytest.mark.parametrize("kind", [LlamaTakingCache, LlamaTakingPastKeyValues])
+def test_the_prefix_goes_in_under_the_cache_argument_the_model_takes(kind):
+    """A model whose forward names its cache `cache` (transformers >= 5.24) or `past_key_values` (before)
+    gets the prefix under that name: the same logits as the installed Llama with the same prefix."""
+    reference = wrap(tiny_llama, "CAUSAL_LM")
+    renamed = kind(reference.get_base_model().config)
+    renamed.load_state_dict(reference.get_base_model().state_dict())
+    model = get_peft_model(renamed, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)).eval()
+    model.model_adapters["default"].load_state_dict(reference.model_adapters["default"].state_dict())
+    input_ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=mask).logits
+        plain = reference.get_base_model()(input_ids=input_ids, attention_mask=mask).logits
+        got = model(input_ids=input_ids, attention_mask=mask).logits
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the prefix matters
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_is_refused():
