@@ -233,8 +233,9 @@ def _cache_keyword(model: nn.Module) -> str:
                     return keyword
     raise ValueError(
         "Prefix tuning hands its prefix to every attention layer through transformers' cache "
-        f"(past_key_values), which {type(model).__name__} does not take. Use prompt tuning "
-        "(PromptTuningConfig), which prepends embeddings to the input instead, or LoRA."
+        f"(`cache`; `past_key_values` before transformers 5.24), which {type(model).__name__} does not "
+        "take. Use prompt tuning (PromptTuningConfig), which prepends embeddings to the input instead, "
+        "or LoRA."
     )
 
 

@@ -372,7 +372,8 @@ def test_a_model_without_a_cache_is_refused_with_a_pointer_to_prompt_tuning():
     config = DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4, num_labels=2)
     with pytest.raises(
         ValueError,
-        match=r"\(past_key_values\), which DistilBertForSequenceClassification does not take\. "
+        match=r"\(`cache`; `past_key_values` before transformers 5.24\), which "
+        r"DistilBertForSequenceClassification does not take\. "
         r"Use prompt tuning \(PromptTuningConfig\)",
     ):
         get_peft_model(
