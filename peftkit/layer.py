@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .merging import WeightedMerge
+
 BASE_ROW = "__base__"
 
 
@@ -97,6 +99,11 @@ class LayerAdapter(SavedState, nn.Module):
     def unmerge(self, base_layer: nn.Module) -> None:
         """Undo `merge`."""
         raise NotMergeableError(f"{type(self).__name__} cannot be unmerged.")
+
+    def set_weighted(self, sources: list[tuple[LayerAdapter, float]], plan: WeightedMerge) -> None:
+        """Become the weighted combination (`plan`) of these adapters of the same
+        layer, each with its weight; an empty list leaves this adapter computing nothing."""
+        raise NotMergeableError(f"{type(self).__name__} cannot be combined with other adapters.")
 
     @classmethod
     def forward_mixed(

@@ -30,6 +30,7 @@ from .layer import (
     holders_in,
     route_rows,
 )
+from .merging import WeightedMerge
 from .quantization import dequantize_model
 from .registry import method_for
 from .serialization import adapter_parameters, load_adapter_weights, load_config, read_weights, save_adapter
@@ -338,6 +339,71 @@ class PeftModel(nn.Module):
                             "there. Untie the weights before merging, or keep the adapter unmerged.",
                             stacklevel=3,
                         )
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add `adapter_name`, an inactive adapter combined from `adapters` with `weights` (negative weights
+        subtract a task); `peftkit.merging` has the combination types and their equations. The result is an
+        ordinary adapter: `set_adapter` it, save it, merge it."""
+        names = list(adapters)
+        self._check_names(names)
+        if not names or len(weights) != len(names):
+            raise ValueError(
+                f"add_weighted_adapter needs one weight per adapter; got {len(names)} adapters and "
+                f"{len(weights)} weights."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another adapter_name.")
+        plan = WeightedMerge(
+            "linear" if len(names) == 1 else combination_type,
+            density,
+            majority_sign_method,
+            svd_rank,
+            svd_clamp,
+            svd_full_matrices,
+            svd_driver,
+        )
+        configs = [self.peft_config[n] for n in names]
+        if len({c.peft_type for c in configs}) > 1:
+            raise ValueError(
+                f"add_weighted_adapter combines adapters of one method; {names} are "
+                f"{[c.peft_type for c in configs]}."
+            )
+        heads = [
+            path
+            for path, holder in holders_in(self.get_base_model())
+            if isinstance(holder, ModulesToSave) and sum(n in holder.adapter_names() for n in names) > 1
+        ]
+        if heads:
+            raise ValueError(
+                f"{names} each train their own copy of {heads} (modules_to_save, e.g. a classification "
+                "head), which add_weighted_adapter cannot combine; combine adapters that leave them alone."
+            )
+        config = method_for(configs[0]).weighted_config(configs, plan)
+        self.add_adapter(adapter_name, config)
+        try:
+            for layer in self._holders():
+                if isinstance(layer, TunedLayer) and adapter_name in layer.adapters:
+                    sources = [
+                        (layer.adapters[n], w)
+                        for n, w in zip(names, weights, strict=True)
+                        if n in layer.adapters
+                    ]
+                    layer.adapters[adapter_name].set_weighted(sources, plan)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights."""

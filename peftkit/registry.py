@@ -14,6 +14,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .config import PeftConfig
     from .layer import LayerAdapter, ModelAdapter
+    from .merging import WeightedMerge
 
 
 class Method:
@@ -48,6 +49,14 @@ class Method:
     def base_parameters(self, model: nn.Module, config: PeftConfig, targets: list[str]) -> list[str]:
         """Names of existing base-model parameters this adapter trains in place (and saves)."""
         return []
+
+    def weighted_config(self, configs: list[PeftConfig], plan: WeightedMerge) -> PeftConfig:
+        """The config of an adapter that `add_weighted_adapter` combines from adapters with `configs`;
+        each of its layer adapters is then filled in by `LayerAdapter.set_weighted`."""
+        raise ValueError(
+            f"{configs[0].peft_type} adapters cannot be combined by add_weighted_adapter; it combines LoRA "
+            "adapters (every combination type)."
+        )
 
     def training_callbacks(self, config: PeftConfig) -> list:
         """transformers `TrainerCallback`s this method needs in training; `peftkit train` adds them."""

@@ -10,6 +10,7 @@ dequantized where the math needs it (DoRA's norm, merging), and a merge requanti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..config import PeftConfig, check_choice, method_config
 from ..layer import LayerAdapter, is_adapter_parameter
+from ..merging import WeightedMerge, combine, svd_factors
 from ..quantization import dequantized_weight, guard_cpu_packing, is_quantized_linear, replace_weight
 from ..registry import Method, register_method
 from ..targeting import is_linear, model_type, pattern_value
@@ -343,6 +345,49 @@ class LowRankUpdate(LayerAdapter):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as matrices r × in and out × r, views of the parameters: the update is s·B A."""
+        raise NotImplementedError
+
+    def set_weighted(self, sources: list[tuple[LayerAdapter, float]], plan: WeightedMerge) -> None:
+        """The update Σ-combined from the sources' s_t·B_t A_t (Hugging Face peft's semantics):
+
+        cat        A = [w_t s_t A_t; …], B = [B_t, …]: exact, at rank Σ r_t
+        *svd       Δ = combine(s_t B_t A_t, w_t), then B A = Δ's top singular triplets at this rank
+        the rest   A = combine(A_t, sign(w_t s_t)·√|w_t s_t|), B = combine(B_t, √|w_t s_t|)
+
+        The result is divided by this adapter's own scale s, so it computes what was combined."""
+        a, b = self.factors()
+        with torch.no_grad():
+            a.zero_()
+            b.zero_()
+            if not sources:
+                return
+            parts = [(*source.factors(), source.scaling, weight) for source, weight in sources]
+            if plan.combination_type == "cat":
+                new_a = torch.cat([fa * (w * s) for fa, _, s, w in parts])
+                new_b = torch.cat([fb for _, fb, _, _ in parts], dim=1)
+            elif plan.uses_svd:
+                delta = combine(
+                    [(fb.float() @ fa.float()) * s for fa, fb, s, _ in parts], [w for *_, w in parts], plan
+                )
+                new_b, new_a = svd_factors(delta, a.shape[0], plan)
+            else:
+                shapes = sorted({(tuple(fa.shape), tuple(fb.shape)) for fa, fb, _, _ in parts})
+                if len(shapes) > 1:
+                    raise ValueError(
+                        f"combination_type={plan.combination_type!r} needs every adapter at the same rank "
+                        f"in each layer; the factor shapes differ ({shapes}). Use 'cat' or an SVD type."
+                    )
+                roots = [math.sqrt(abs(w * s)) for _, _, s, w in parts]
+                signs = [math.copysign(1.0, w * s) for _, _, s, w in parts]
+                new_a = combine(
+                    [fa for fa, *_ in parts], [r * g for r, g in zip(roots, signs, strict=True)], plan
+                )
+                new_b = combine([fb for _, fb, _, _ in parts], roots, plan)
+            a[: new_a.shape[0]].copy_(new_a / self.scaling)
+            b[:, : new_b.shape[1]].copy_(new_b)
+
     def merge(self, base_layer: nn.Module) -> None:
         weight = layer_weight(base_layer)
         set_layer_weight(base_layer, weight + self.delta_weight().to(weight.dtype))
@@ -527,6 +572,9 @@ class LoraLinear(LowRankUpdate):
         # Without autograd, add into the base layer's fresh output: one pass less over it.
         return out.baddbmm_(h, b_t, alpha=s).view(base_out.shape)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.weight, self.lora_B.weight
+
     def delta_weight_oi(self) -> torch.Tensor:
         """s·B A as (out, in)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -636,6 +684,9 @@ class LoraEmbedding(LowRankUpdate):
         update = self.lookup(x, base_layer) @ self.lora_embedding_B.T * self.scaling
         return base_out + update.to(base_out.dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
 
@@ -698,6 +749,11 @@ class LoraConv2d(LowRankUpdate):
         x = x.to(self.lora_A.weight.dtype)
         return base_out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(base_out.dtype)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's kernel flattened to r × (in·kh·kw), B's 1×1 kernel as out × r."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return a.view(a.shape[0], -1), b.view(b.shape[0], -1)
+
     def delta_weight(self) -> torch.Tensor:
         """s·B∘A as one kernel: B is 1×1, so it mixes A's output channels."""
         a, b = self.lora_A.weight, self.lora_B.weight
@@ -755,6 +811,49 @@ class Lora(Method):
         adapter = kind(base_layer, r, scaling, config.lora_dropout)
         adapter.initialise(config.init_lora_weights, base_layer)
         return adapter
+
+    def weighted_config(self, configs: list[LoraConfig], plan: WeightedMerge) -> LoraConfig:
+        """Hugging Face peft's rule: rank Σ r_t for "cat", `svd_rank` (else the largest r_t) for the SVD
+        types, the common r for the rest; the union of the targets; α = r."""
+        if any(c.use_dora for c in configs):
+            raise ValueError(
+                "DoRA adapters cannot be combined by add_weighted_adapter: each rescales W + ΔW by its own "
+                "magnitude vector, which is not linear in ΔW. Combine plain LoRA adapters, or merge DoRA "
+                "adapters into the base one at a time (merge_and_unload)."
+            )
+        ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
+        kind = plan.combination_type
+        if kind == "cat":
+            rank = sum(ranks)
+        elif plan.uses_svd:
+            rank = plan.svd_rank or max(ranks)
+        elif len(set(ranks)) > 1:
+            raise ValueError(
+                f"combination_type={kind!r} combines the A and B factors entry by entry, so the adapters "
+                f"need one rank; theirs are {ranks}. Use 'cat' (rank {sum(ranks)}) or an SVD type ('svd', "
+                "'ties_svd', 'dare_linear_svd', ...), whose rank svd_rank sets."
+            )
+        else:
+            rank = ranks[0]
+        targets = [c.target_modules for c in configs]
+        if all(isinstance(t, str) for t in targets):
+            union: list[str] | str = "|".join(f"({t})" for t in targets)
+        elif all(isinstance(t, list) for t in targets):
+            union = sorted(set().union(*targets))
+        else:
+            raise ValueError(
+                f"The adapters' target_modules mix regular expressions and lists ({targets}); combine "
+                "adapters whose target_modules are both lists or both strings."
+            )
+        return dataclasses.replace(
+            configs[0],
+            r=rank,
+            lora_alpha=rank,
+            target_modules=union,
+            rank_pattern={},
+            alpha_pattern={},
+            init_lora_weights=True,
+        )
 
     def base_parameters(self, model: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
         if config.bias == "lora_only":
