@@ -178,3 +178,15 @@ def test_dora_and_other_methods_and_shared_heads_are_refused():
     classifier.add_adapter("b", peftkit.LoraConfig(task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match=r"own copy of \['classifier'\] \(modules_to_save"):
         classifier.add_weighted_adapter(["default", "b"], [0.5, 0.5], "m", combination_type="linear")
+
+
+def test_an_rslora_merge_computes_what_was_combined():
+    """The new adapter's own scale (α/√r with α = r) is divided out (peft keeps it: √r too large)."""
+    config = {"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj"]}
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(**config))
+    model.add_adapter("b", peftkit.LoraConfig(**config))
+    randomize_adapters(model)
+    model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "m", combination_type="cat")
+    adapters = model.get_base_model().model.layers[0].self_attn.q_proj.adapters
+    expected = 0.5 * adapters["default"].delta_weight() + 2.0 * adapters["b"].delta_weight()
+    torch.testing.assert_close(adapters["m"].delta_weight(), expected)
