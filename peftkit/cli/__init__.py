@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   peftkit train --method ia3 --data my.csv --label-column sentiment --output runs/ia3
   peftkit eval --adapter runs/minilm-lora --json
   peftkit merge --adapter runs/minilm-lora --output runs/minilm-merged
+  peftkit merge --adapter runs/a --adapter runs/b --weights 0.6,0.4 --combination ties --density 0.5 \\
+      --as-adapter --output runs/a-plus-b
   peftkit inspect --model smollm2 --method lora --target-modules all-linear
   torchrun --nproc_per_node 2 -m peftkit train --batch-size 16     DDP, gloo on CPU
 """
@@ -107,10 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "all"], help="default: test for the training data")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object of metrics")
 
-    merge = commands.add_parser("merge", help="fold an adapter into its base and save a transformers model")
-    merge.add_argument("--adapter", required=True)
-    merge.add_argument("--model", help="the base model (default: the one the adapter was trained on)")
+    merge = commands.add_parser(
+        "merge", help="fold adapters into their base and save a transformers model (or the merged adapter)"
+    )
+    merge.add_argument(
+        "--adapter", required=True, action="append", help="an adapter folder; repeat it to combine several"
+    )
+    merge.add_argument("--model", help="the base model (default: the one the first adapter was trained on)")
     merge.add_argument("--output", required=True)
+    merge.add_argument("--weights", help="one weight per --adapter, comma-separated (default: equal, sum 1)")
+    merge.add_argument("--combination", default="svd", help="add_weighted_adapter's combination_type")
+    merge.add_argument("--density", type=float, help="share of entries kept by the ties/dare/prune types")
+    merge.add_argument("--svd-rank", type=int, help="rank of the SVD types' result (default: the largest)")
+    merge.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    merge.add_argument("--as-adapter", action="store_true", help="write the combined adapter, not a model")
 
     inspect = commands.add_parser("inspect", help="module tree, linear layers, trainable counts of a model")
     inspect.add_argument("--model", default="minilm")

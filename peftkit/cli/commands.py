@@ -96,31 +96,76 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    """Fold the adapter into the base weights and save a plain transformers model (and its tokenizer),
-    written beside `--output` and renamed into place, so a failure leaves nothing half-written."""
+    """Fold the adapter into the base weights and save a plain transformers model (and its tokenizer); with
+    several `--adapter`s, first combine them (`add_weighted_adapter`). With `--as-adapter`, save the combined
+    adapter instead. Written beside `--output` and renamed into place, so a failure leaves nothing
+    half-written."""
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise SystemExit(f"--output {output} exists and is not empty; merge into a new folder.")
-    run = read_run(Path(args.adapter))
-    if not (Path(args.adapter) / CONFIG_NAME).is_file():
-        raise SystemExit(f"--adapter {args.adapter} holds a whole model (--method {FULL}); nothing to merge.")
+    adapters = [Path(a) for a in args.adapter]
+    run = read_run(adapters[0])
+    for adapter in adapters:
+        if not (adapter / CONFIG_NAME).is_file():
+            raise SystemExit(f"--adapter {adapter} holds a whole model (--method {FULL}); nothing to merge.")
     task = run.get("task") or "causal-lm"
     labels = run.get("labels") or []
     # A QLoRA adapter is merged into the float32 base, not the 4-bit one: a plain model to load anywhere.
-    model, tokenizer = load_trained(args, run, task, labels, quantized=False)
-    merged = model.merge_and_unload()
+    first = argparse.Namespace(**{**vars(args), "adapter": str(adapters[0])})
+    model, tokenizer = load_trained(first, run, task, labels, quantized=False)
+    name = "default"
+    if len(adapters) > 1 or args.as_adapter:
+        names = ["default"] + [f"adapter_{i}" for i in range(1, len(adapters))]
+        for adapter_name, adapter in zip(names[1:], adapters[1:], strict=True):
+            model.load_adapter(str(adapter), adapter_name)
+        name = "merged"
+        model.add_weighted_adapter(
+            names,
+            merge_weights(args.weights, len(adapters)),
+            name,
+            combination_type=args.combination,
+            svd_rank=args.svd_rank,
+            density=args.density,
+            majority_sign_method=args.majority_sign_method,
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        merged.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        if args.as_adapter:
+            model.save_pretrained(str(partial), selected_adapters=[name])
+            if (adapters[0] / RUN_FILE).is_file():  # so that `peftkit eval` knows the run's data and labels
+                shutil.copy(adapters[0] / RUN_FILE, partial / name / RUN_FILE)
+            written = partial / name
+        else:
+            merged = model.merge_and_unload(adapter_names=[name])
+            merged.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            written = partial
         if output.exists():
             output.rmdir()
-        os.rename(partial, output)
+        os.rename(written, output)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    if args.as_adapter:
+        print(f"merged adapter saved to {output}; score it with: peftkit eval --adapter {output}")
+        return
     head = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification"
     print(f"merged model saved to {output}; load it with transformers.{head}.from_pretrained('{output}')")
+
+
+def merge_weights(text: str | None, count: int) -> list[float]:
+    """`--weights 0.6,0.4` as floats, one per adapter; equal weights summing to 1 by default."""
+    if text is None:
+        return [1.0 / count] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights {text!r} must be comma-separated numbers, e.g. 0.6,0.4.") from None
+    if len(weights) != count:
+        raise ValueError(
+            f"--weights gives {len(weights)} numbers for {count} --adapter folders; give one each."
+        )
+    return weights
 
 
 def brief_tree(module: nn.Module, name: str = "", depth: int = 0, max_depth: int = 6) -> list[str]:

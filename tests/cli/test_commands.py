@@ -240,3 +240,63 @@ def test_qlora_from_the_command_line(bits, causal_folder, sentiment_csv, tmp_pat
     assert printed["perplexity"] == pytest.approx(metrics["after"]["perplexity"], rel=1e-4)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+@pytest.fixture(scope="module")
+def two_causal_runs(tmp_path_factory, causal_folder, sentiment_csv):
+    """Two short LoRA runs on the tiny causal LM, with other seeds and targets."""
+    runs = []
+    for seed, targets in [(1, "q_proj,v_proj"), (2, "q_proj,k_proj,down_proj")]:
+        output = tmp_path_factory.mktemp("runs") / f"lora-{seed}"
+        extra = ["--max-steps", 8, "--lr", 1e-2, "--seed", seed, "--target-modules", targets]
+        assert cli(*train_args(causal_folder, sentiment_csv, output, *extra)) == 0
+        runs.append(output)
+    return runs
+
+
+def test_merge_combines_adapters_as_add_weighted_adapter_does(
+    two_causal_runs, causal_folder, tmp_path, capsys
+):
+    first, second = two_causal_runs
+    combine = ["--adapter", first, "--adapter", second, "--weights", "0.6,-0.4", "--combination", "ties"]
+    combine += ["--density", "0.5"]
+    assert cli("merge", *combine, "--as-adapter", "--output", tmp_path / "adapter") == 0
+    assert cli("merge", *combine, "--output", tmp_path / "model") == 0
+    reference = PeftModel.from_pretrained(load_model(causal_folder, "causal-lm"), str(first))
+    reference.load_adapter(str(second), "b")
+    reference.add_weighted_adapter(["default", "b"], [0.6, -0.4], "m", combination_type="ties", density=0.5)
+    reference.set_adapter("m")
+    ids = torch.tensor([[5, 9, 3, 17, 2, 11]])
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(load_model(causal_folder, "causal-lm"), str(tmp_path / "adapter"))
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert sorted(
+        json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    ) == [
+        "down_proj",
+        "k_proj",
+        "q_proj",
+        "v_proj",
+    ]
+    capsys.readouterr()
+    assert cli("eval", "--adapter", tmp_path / "adapter", "--json") == 0  # the run file came along
+    assert "perplexity" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--weights", "0.5"], "--weights gives 1 numbers for 2 --adapter folders"),
+        (["--weights", "a,b"], "must be comma-separated numbers"),
+        (["--combination", "dare_ties"], "pass density in (0, 1]"),
+    ],
+)
+def test_merge_refuses_bad_combinations_with_a_message(two_causal_runs, tmp_path, capsys, extra, message):
+    first, second = two_causal_runs
+    argv = ["merge", "--adapter", first, "--adapter", second, *extra, "--output", tmp_path / "out"]
+    assert cli(*argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
