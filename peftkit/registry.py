@@ -55,7 +55,7 @@ class Method:
         each of its layer adapters is then filled in by `LayerAdapter.set_weighted`."""
         raise ValueError(
             f"{configs[0].peft_type} adapters cannot be combined by add_weighted_adapter; it combines LoRA "
-            "adapters (every combination type)."
+            "adapters (every combination type) and IA3 adapters (linear)."
         )
 
     def training_callbacks(self, config: PeftConfig) -> list:

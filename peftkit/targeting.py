@@ -171,3 +171,15 @@ def suggest_targets(model: nn.Module) -> list[str]:
     """Distinct short names of the linear layers but the output head: the usual `target_modules` list."""
     heads = {n.rsplit(".", 1)[-1] for n in output_head_names(model)}
     return [n for n in leaf_names(model, is_linear) if n not in heads]
+
+
+def target_union(values: list[list[str] | str | None], option: str = "target_modules") -> list[str] | str:
+    """The modules any of several configs selects: the union of name lists, or regexes joined by `|`."""
+    if all(isinstance(v, str) for v in values):
+        return "|".join(f"({v})" for v in values)
+    if all(isinstance(v, list) for v in values):
+        return sorted(set().union(*values))
+    raise ValueError(
+        f"The adapters' {option} mix regular expressions and lists ({values}); combine adapters whose "
+        f"{option} are all lists or all strings."
+    )

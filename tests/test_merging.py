@@ -171,9 +171,10 @@ def test_dora_and_other_methods_and_shared_heads_are_refused():
     model.add_adapter("ia3", peftkit.IA3Config())
     with pytest.raises(ValueError, match=r"adapters of one method; .* \['LORA', 'IA3'\]"):
         model.add_weighted_adapter(["default", "ia3"], [0.5, 0.5], "m")
-    model.add_adapter("ia32", peftkit.IA3Config())
-    with pytest.raises(ValueError, match="IA3 adapters cannot be combined"):
-        model.add_weighted_adapter(["ia3", "ia32"], [0.5, 0.5], "m")
+    bitfit = peftkit.get_peft_model(tiny_bert(), peftkit.BitFitConfig())
+    bitfit.add_adapter("b", peftkit.BitFitConfig())
+    with pytest.raises(ValueError, match="BITFIT adapters cannot be combined"):
+        bitfit.add_weighted_adapter(["default", "b"], [0.5, 0.5], "m")
     classifier = peftkit.get_peft_model(tiny_bert(), peftkit.LoraConfig(task_type="SEQ_CLS"))
     classifier.add_adapter("b", peftkit.LoraConfig(task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match=r"own copy of \['classifier'\] \(modules_to_save"):
@@ -190,3 +191,17 @@ def test_an_rslora_merge_computes_what_was_combined():
     adapters = model.get_base_model().model.layers[0].self_attn.q_proj.adapters
     expected = 0.5 * adapters["default"].delta_weight() + 2.0 * adapters["b"].delta_weight()
     torch.testing.assert_close(adapters["m"].delta_weight(), expected)
+
+
+def test_ia3_combines_linearly_only():
+    model = peftkit.get_peft_model(tiny_llama(), peftkit.IA3Config())
+    model.add_adapter("b", peftkit.IA3Config())
+    with pytest.raises(
+        ValueError, match="IA3 adapters combine as l = Σ w_t l_t only; combination_type='ties'"
+    ):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "m", combination_type="ties", density=0.5)
+    other = peftkit.IA3Config(target_modules=["down_proj"], feedforward_modules=[])
+    model.add_adapter("c", other)
+    with pytest.raises(ValueError, match="feedforward_modules differ"):
+        model.add_weighted_adapter(["default", "c"], [0.5, 0.5], "m", combination_type="linear")
+    assert "m" not in model.peft_config

@@ -10,6 +10,7 @@ W ← diag(l) W and b ← l ⊙ b for the first, W ← W diag(l) for the second;
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -17,8 +18,9 @@ from torch import nn
 
 from ..config import PeftConfig, method_config
 from ..layer import LayerAdapter
+from ..merging import WeightedMerge
 from ..registry import Method, register_method
-from ..targeting import is_linear, model_type, name_matches
+from ..targeting import is_linear, model_type, name_matches, target_union
 
 # Hugging Face peft's defaults for configs without target_modules, by transformers `model_type`: the
 # targets, and which of them are feed-forward layers.
@@ -110,6 +112,19 @@ class IA3Layer(LayerAdapter):
 
     def along_features(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def set_weighted(self, sources: list[tuple[LayerAdapter, float]], plan: WeightedMerge) -> None:
+        """l = Σ_t w_t l_t (Hugging Face peft's weighted IA3 adapter; weights that sum to 1 average them)."""
+        kinds = {(tuple(s.ia3_l.shape), s.feedforward) for s, _ in sources}
+        if kinds - {(tuple(self.ia3_l.shape), self.feedforward)}:
+            raise ValueError(
+                "IA3 adapters that rescale one layer's input in one adapter and its output in another "
+                "(feedforward_modules differ) cannot be combined; give them the same feedforward_modules."
+            )
+        with torch.no_grad():
+            self.ia3_l.zero_()
+            for source, weight in sources:
+                self.ia3_l.add_(source.ia3_l, alpha=weight)
 
     def along_weight(self, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -203,6 +218,20 @@ class IA3(Method):
                 )
             config.feedforward_modules = DEFAULT_FEEDFORWARD[kind]
         return config
+
+    def weighted_config(self, configs: list[IA3Config], plan: WeightedMerge) -> IA3Config:
+        """The union of the targets and of the feed-forward modules; the vectors combine linearly."""
+        if plan.base_type != "linear" or plan.combination_type == "cat":
+            raise ValueError(
+                f"IA3 adapters combine as l = Σ w_t l_t only; combination_type={plan.combination_type!r} "
+                "does not apply to them. Use combination_type='linear'."
+            )
+        return dataclasses.replace(
+            configs[0],
+            target_modules=target_union([c.target_modules for c in configs]),
+            feedforward_modules=target_union([c.feedforward_modules for c in configs], "feedforward_modules"),
+            init_ia3_weights=True,
+        )
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: IA3Config) -> LayerAdapter:
         feedforward = name_matches(config.feedforward_modules, module_name)

@@ -24,7 +24,7 @@ from ..layer import LayerAdapter, is_adapter_parameter
 from ..merging import WeightedMerge, combine, svd_factors
 from ..quantization import dequantized_weight, guard_cpu_packing, is_quantized_linear, replace_weight
 from ..registry import Method, register_method
-from ..targeting import is_linear, model_type, pattern_value
+from ..targeting import is_linear, model_type, pattern_value, target_union
 
 # Hugging Face peft's defaults for configs without target_modules, by transformers `model_type`.
 DEFAULT_TARGETS = {
@@ -835,21 +835,11 @@ class Lora(Method):
             )
         else:
             rank = ranks[0]
-        targets = [c.target_modules for c in configs]
-        if all(isinstance(t, str) for t in targets):
-            union: list[str] | str = "|".join(f"({t})" for t in targets)
-        elif all(isinstance(t, list) for t in targets):
-            union = sorted(set().union(*targets))
-        else:
-            raise ValueError(
-                f"The adapters' target_modules mix regular expressions and lists ({targets}); combine "
-                "adapters whose target_modules are both lists or both strings."
-            )
         return dataclasses.replace(
             configs[0],
             r=rank,
             lora_alpha=rank,
-            target_modules=union,
+            target_modules=target_union([c.target_modules for c in configs]),
             rank_pattern={},
             alpha_pattern={},
             init_lora_weights=True,

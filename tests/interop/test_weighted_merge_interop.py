@@ -81,3 +81,26 @@ def test_a_merged_adapter_saved_by_peftkit_loads_in_peft(tmp_path):
     ours = peftkit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out" / "merged"))
     merged_base = ours.merge_and_unload()
     torch.testing.assert_close(logits(merged_base, batch()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_ia3_gives_peft_logits(tmp_path):
+    """IA3: l = Σ w_t l_t over the union of the targets, as Hugging Face peft combines them."""
+    options = [
+        {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+        {"target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+    ]
+    folders = []
+    for i, option in enumerate(options):
+        model = peft.get_peft_model(tiny_llama(), peft.IA3Config(**option))
+        randomize_adapters(model, seed=3 + i)
+        folders.append(str(tmp_path / f"ia3-{i}"))
+        model.save_pretrained(folders[-1])
+    results = []
+    for lib in (peftkit, peft):
+        model = lib.PeftModel.from_pretrained(tiny_llama(), folders[0], adapter_name="a")
+        model.load_adapter(folders[1], adapter_name="b")
+        model.add_weighted_adapter(["a", "b"], [0.7, 0.5], "merged")
+        model.set_adapter("merged")
+        results.append(logits(model.eval(), batch()))
+    assert (results[0] - logits(tiny_llama(), batch())).abs().max() > 1e-2
+    torch.testing.assert_close(*results, atol=1e-5, rtol=1e-5)
