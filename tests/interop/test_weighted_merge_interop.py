@@ -36,19 +36,24 @@ def two_adapters(tmp_path, build, same_rank: bool, gpt2: bool) -> list[str]:
                 "target_modules": ["q_proj", "k_proj", "down_proj"],
             },
         ]
+    return saved_by_peft(tmp_path, build, peft.LoraConfig, options)
+
+
+def saved_by_peft(tmp_path, build, config_class, options: list[dict]) -> list[str]:
+    """One adapter per options dict, random weights, saved by peft; their folders."""
     folders = []
     for i, option in enumerate(options):
-        model = peft.get_peft_model(build(), peft.LoraConfig(**option))
+        model = peft.get_peft_model(build(), config_class(**option))
         randomize_adapters(model, seed=11 + i)
         folders.append(str(tmp_path / f"task{i}"))
         model.save_pretrained(folders[-1])
     return folders
 
 
-def merged(lib, build, folders: list[str], **options) -> torch.nn.Module:
+def merged(lib, build, folders: list[str], weights=(0.7, -0.4), **options) -> torch.nn.Module:
     model = lib.PeftModel.from_pretrained(build(), folders[0], adapter_name="a")
     model.load_adapter(folders[1], adapter_name="b")
-    model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "merged", **options)
+    model.add_weighted_adapter(["a", "b"], list(weights), "merged", **options)
     model.set_adapter("merged")
     return model.eval()
 
@@ -89,18 +94,7 @@ def test_weighted_ia3_gives_peft_logits(tmp_path):
         {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
         {"target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
     ]
-    folders = []
-    for i, option in enumerate(options):
-        model = peft.get_peft_model(tiny_llama(), peft.IA3Config(**option))
-        randomize_adapters(model, seed=3 + i)
-        folders.append(str(tmp_path / f"ia3-{i}"))
-        model.save_pretrained(folders[-1])
-    results = []
-    for lib in (peftkit, peft):
-        model = lib.PeftModel.from_pretrained(tiny_llama(), folders[0], adapter_name="a")
-        model.load_adapter(folders[1], adapter_name="b")
-        model.add_weighted_adapter(["a", "b"], [0.7, 0.5], "merged")
-        model.set_adapter("merged")
-        results.append(logits(model.eval(), batch()))
+    folders = saved_by_peft(tmp_path, tiny_llama, peft.IA3Config, options)
+    results = [logits(merged(lib, tiny_llama, folders), batch()) for lib in (peftkit, peft)]
     assert (results[0] - logits(tiny_llama(), batch())).abs().max() > 1e-2
     torch.testing.assert_close(*results, atol=1e-5, rtol=1e-5)
