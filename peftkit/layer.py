@@ -142,9 +142,12 @@ class ModelAdapter(SavedState, nn.Module):
     * `layer_adapters`: set by the core after injection, module name -> this adapter's `LayerAdapter`s.
     * `training_state` / `load_training_state`: tensors besides parameters that training carries from step
       to step (running statistics); checkpoints keep them so that a resumed run continues exactly.
+    * `sole_owner_of`: an input this adapter fills alone (prefix tuning: the attention cache), so that two
+      such adapters are refused when they are made active together, not at the first forward.
     """
 
     rewrites_inputs: ClassVar[bool] = False
+    sole_owner_of: ClassVar[str | None] = None
     exports: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:

@@ -219,6 +219,16 @@ class PeftModel(nn.Module):
         """Make these adapters the active ones (applied in the order given) and trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_names(names)
+        owners: dict[str, list[str]] = {}
+        for name in names:
+            if name in self.model_adapters and (slot := self.model_adapters[name].sole_owner_of):
+                owners.setdefault(slot, []).append(name)
+        for slot, sharing in owners.items():
+            if len(sharing) > 1:
+                raise ValueError(
+                    f"Adapters {sharing} each fill {slot} alone, so they cannot be active together; activate "
+                    "one of them (with any others that do not)."
+                )
         self._active = names
         for holder in self._holders():
             holder.set_active(names)

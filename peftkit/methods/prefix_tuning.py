@@ -67,6 +67,7 @@ class PrefixEncoder(ModelAdapter):
     loads back as a plain one (for inference) and the MLP is not saved, as in Hugging Face peft."""
 
     rewrites_inputs = True
+    sole_owner_of = "the attention cache (past_key_values)"
 
     def __init__(self, config: PrefixTuningConfig, encoder_decoder: bool, cache_keyword: str) -> None:
         super().__init__()
