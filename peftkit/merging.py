@@ -73,7 +73,7 @@ class WeightedMerge:
 
     @property
     def uses_svd(self) -> bool:
-        return self.combination_type.endswith("_svd") or self.combination_type == "svd"
+        return self.combination_type.endswith("svd")
 
     @property
     def base_type(self) -> str:

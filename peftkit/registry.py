@@ -53,9 +53,12 @@ class Method:
     def weighted_config(self, configs: list[PeftConfig], plan: WeightedMerge) -> PeftConfig:
         """The config of an adapter that `add_weighted_adapter` combines from adapters with `configs`;
         each of its layer adapters is then filled in by `LayerAdapter.set_weighted`."""
+        combinable = sorted(
+            t for t, m in METHODS.items() if type(m).weighted_config is not Method.weighted_config
+        )
         raise ValueError(
-            f"{configs[0].peft_type} adapters cannot be combined by add_weighted_adapter; it combines LoRA "
-            "adapters (every combination type) and IA3 adapters (linear)."
+            f"{configs[0].peft_type} adapters cannot be combined by add_weighted_adapter; the methods whose "
+            f"adapters combine are {combinable}."
         )
 
     def training_callbacks(self, config: PeftConfig) -> list:

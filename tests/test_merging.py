@@ -171,9 +171,13 @@ def test_dora_and_other_methods_and_shared_heads_are_refused():
     model.add_adapter("ia3", peftkit.IA3Config())
     with pytest.raises(ValueError, match=r"adapters of one method; .* \['LORA', 'IA3'\]"):
         model.add_weighted_adapter(["default", "ia3"], [0.5, 0.5], "m")
+    adalora = peftkit.get_peft_model(tiny_llama(), peftkit.AdaLoraConfig(total_step=10))
+    adalora.add_adapter("b", peftkit.AdaLoraConfig(total_step=10))
+    with pytest.raises(ValueError, match="ADALORA adapters cannot be combined"):
+        adalora.add_weighted_adapter(["default", "b"], [0.5, 0.5], "m", combination_type="svd")
     bitfit = peftkit.get_peft_model(tiny_bert(), peftkit.BitFitConfig())
     bitfit.add_adapter("b", peftkit.BitFitConfig())
-    with pytest.raises(ValueError, match="BITFIT adapters cannot be combined"):
+    with pytest.raises(ValueError, match=r"BITFIT adapters cannot be combined .* are \['IA3', 'LORA'\]"):
         bitfit.add_weighted_adapter(["default", "b"], [0.5, 0.5], "m")
     classifier = peftkit.get_peft_model(tiny_bert(), peftkit.LoraConfig(task_type="SEQ_CLS"))
     classifier.add_adapter("b", peftkit.LoraConfig(task_type="SEQ_CLS"))

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import PeftConfig, check_choice, method_config
 from ..layer import LayerAdapter, ModelAdapter
-from ..registry import register_method
+from ..registry import Method, register_method
 from ..targeting import is_linear, model_type
 from .lora import Lora, LoraConfig, LowRankUpdate, dropout_or_identity, weight_out_in
 
@@ -367,6 +367,8 @@ class AdaLora(Lora):
     """LoRA's targeting and `bias` option, with SVD-form layers and a rank allocator."""
 
     config_class = AdaLoraConfig
+    # LoRA's weighted merge does not apply to the P Λ Q form with its rank budget: refused as for any method
+    weighted_config = Method.weighted_config
 
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module)
