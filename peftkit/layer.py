@@ -392,8 +392,9 @@ class TunedLayer(AdapterHolder):
 
 
 def holders_in(model: nn.Module) -> list[tuple[str, AdapterHolder]]:
-    """(name, holder) for every AdapterHolder in `model`, in module order: `named_modules` without walking
-    into the layer adapters themselves, which hold none (a TunedLayer's base can: a wrapped block)."""
+    """(name, holder) for every AdapterHolder in `model`, in module order, named as in the unwrapped model:
+    a TunedLayer's base (which can hold more: a wrapped block) is walked under the TunedLayer's own name,
+    so `block.mlp.base_layer.c_fc` is `block.mlp.c_fc`, and the layer adapters, which hold none, are not."""
     found, seen = [], set()
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
@@ -403,13 +404,11 @@ def holders_in(model: nn.Module) -> list[tuple[str, AdapterHolder]]:
         seen.add(id(module))
         if isinstance(module, AdapterHolder):
             found.append((path, module))
+        if isinstance(module, TunedLayer):
+            stack.append((path, module.base_layer))
+            continue
         prefix = f"{path}." if path else ""
-        children = [
-            (prefix + key, child)
-            for key, child in module._modules.items()
-            if child is not None and not (key == "adapters" and isinstance(module, TunedLayer))
-        ]
-        stack.extend(reversed(children))
+        stack.extend(reversed([(prefix + k, c) for k, c in module._modules.items() if c is not None]))
     return found
 
 

@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .config import PeftConfig, TaskType
+from .composition import COMPOSITION_NAME, TOP_LEVEL_ADAPTER, Composition, adapter_directory
+from .config import CONFIG_NAME, PeftConfig, TaskType
 from .layer import (
     BASE_ROW,
     AdapterHolder,
@@ -58,8 +59,12 @@ class BaseModelHolder(nn.Module):
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the module `name` (as `holders_in` names it) is, inside any block wrapped around it."""
     parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    parent = root.get_submodule(parent_name) if parent_name else root  # wrappers pass attributes through
+    while isinstance(parent, TunedLayer) and child not in parent._modules:
+        parent = parent.base_layer
+    setattr(parent, child, new)
 
 
 class PeftModel(nn.Module):
@@ -240,7 +245,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"No adapter named {unknown}; this model has {list(self.peft_config)}.")
 
     def _update_trainable(self) -> None:
-        """Active adapters not loaded for inference train; every other tensor is frozen."""
+        """Active adapters not loaded for inference train; every other tensor is frozen, and so are the copies
+        of a trained module (a head) that active adapters hold but do not use: the first active one's runs."""
         tensors: dict[int, torch.Tensor] = {}
         trains: dict[int, bool] = {}
         for name, config in self.peft_config.items():
@@ -249,6 +255,15 @@ class PeftModel(nn.Module):
                 # a base tensor several adapters train in place (bias="all") trains if any of them does
                 tensors[id(tensor)] = tensor
                 trains[id(tensor)] = trains.get(id(tensor), False) or active
+        unused = [
+            copy
+            for holder in self._holders()
+            if isinstance(holder, ModulesToSave)
+            for name, copy in holder.modules_to_save.items()
+            if name not in holder.active_adapters[:1]
+        ]
+        for tensor in (t for copy in unused for t in copy.parameters()):
+            trains[id(tensor)] = False
         for key, tensor in tensors.items():
             if tensor.is_floating_point():
                 tensor.requires_grad_(trains[key])
@@ -276,8 +291,8 @@ class PeftModel(nn.Module):
         """Remove an adapter; layers left with no adapter get their original module back."""
         self._check_names([adapter_name])
         model = self.get_base_model()
-        for name, module in list(model.named_modules()):
-            if isinstance(module, AdapterHolder) and adapter_name in module.adapter_names():
+        for name, module in reversed(holders_in(model)):  # a wrapped block's layers before the block
+            if adapter_name in module.adapter_names():
                 module.delete(adapter_name)
                 if not module.adapter_names():
                     original = module.base_layer if isinstance(module, TunedLayer) else module.original_module
@@ -307,10 +322,53 @@ class PeftModel(nn.Module):
             )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: the active ones) into the base weights; `unmerge_adapter` undoes it."""
-        names = list(adapter_names or self._active)
-        self._check_names(names)
-        self._check_mergeable(names)
+        """Fold adapters into the base weights; `unmerge_adapter` undoes it.
+
+        Named adapters must all fold. By default the active ones fold, each one that can: an adapter that
+        cannot (it changes the inputs, or its method has no merge), or that follows such an adapter on a layer
+        both adapt, keeps computing as an adapter, and a warning names it and why."""
+        if adapter_names is not None or len(self._active) == 1:
+            names = list(adapter_names or self._active)
+            self._check_names(names)
+            self._check_mergeable(names)
+            self._merge(names, safe_merge)
+            return
+        kept = self._merge_what_folds(self._active, safe_merge)
+        if len(kept) == len(self._active):
+            raise NotMergeableError(f"None of the active adapters can be folded: {_reasons(kept)}.")
+        if kept:
+            warnings.warn(
+                f"Kept as adapters, unmerged: {_reasons(kept)}. The others are folded into the base weights.",
+                stacklevel=2,
+            )
+
+    def _merge_what_folds(self, names: list[str], safe_merge: bool) -> dict[str, str]:
+        """Fold each of `names` that can be, in order; returns those left unmerged, with the reason."""
+        kept = {n: "it changes the model's inputs, not its weights" for n in self._input_side(names)}
+        layers = [(p, h) for p, h in holders_in(self.get_base_model()) if isinstance(h, TunedLayer)]
+        for name in names:
+            if name in kept:
+                continue
+            blocker = next(
+                (
+                    (path, earlier)
+                    for path, layer in layers
+                    if name in layer.active_adapters
+                    for earlier in layer.active_adapters[: layer.active_adapters.index(name)]
+                    if earlier in kept
+                ),
+                None,
+            )
+            if blocker:  # folding it would move it ahead of the unmerged adapter it follows
+                kept[name] = f"it follows {blocker[1]!r} on {blocker[0]}, which stays unmerged"
+                continue
+            try:
+                self._merge([name], safe_merge)
+            except NotMergeableError as error:
+                kept[name] = str(error)
+        return {n: kept[n] for n in names if n in kept}
+
+    def _merge(self, names: list[str], safe_merge: bool) -> None:
         self._warn_if_tied(names)
         layers = [h for h in self._holders() if isinstance(h, TunedLayer)]
         # unmerging inf/nan cannot give the old weights back (inf - inf = nan), so safe_merge keeps a copy
@@ -432,16 +490,35 @@ class PeftModel(nn.Module):
 
         Into a quantized (bitsandbytes) base the merge is requantized, one rounding to its 4-bit / 8-bit grid;
         with `dequantize=True` every quantized layer first becomes an nn.Linear holding its dequantized
-        weight, so the merge is exact and the model returned is full precision."""
+        weight, so the merge is exact and the model returned is full precision. When several adapters are
+        active and one cannot fold (see `merge_adapter`), it raises naming each and why; nothing is merged."""
         if dequantize:
             dequantize_model(self.get_base_model())
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        if adapter_names is not None or len(self._active) == 1:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+            return self.unload()
+        kept = self._merge_what_folds(self._active, safe_merge)
+        if kept:
+            folded = [n for n in self._active if n not in kept]
+            for layer in self._holders():
+                if isinstance(layer, TunedLayer):
+                    layer.unmerge(folded)
+            ways = (
+                f"merge_adapter() folds {folded} and keeps the rest as adapters (same outputs); "
+                f"or merge_and_unload(adapter_names={folded}) folds those alone and drops the rest"
+                if folded
+                else "keep the model as a PeftModel"
+            )
+            raise NotMergeableError(
+                f"merge_and_unload cannot fold {_reasons(kept)}, and the plain model it returns would lose "
+                f"them; nothing was merged. Instead: {ways}."
+            )
         return self.unload()
 
     def unload(self) -> nn.Module:
         """Return the plain model with every wrapper removed; unmerged adapters are dropped."""
         model = self.get_base_model()
-        for name, module in list(model.named_modules()):
+        for name, module in reversed(holders_in(model)):  # a wrapped block's layers before the block
             if isinstance(module, TunedLayer):
                 _replace_module(model, name, module.base_layer)
             elif isinstance(module, ModulesToSave):
@@ -534,7 +611,8 @@ class PeftModel(nn.Module):
         is_main_process: bool = True,
     ) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors ("default" at the top level,
-        others in a sub-folder named after them), the layout Hugging Face peft uses. In distributed runs
+        others in a sub-folder named after them), the layout Hugging Face peft uses; several adapters also get
+        an adapter_composition.json (their order and active set) for `from_composition`. In distributed runs
         pass `is_main_process=False` on every rank but one: those write nothing."""
         if not is_main_process:
             return
@@ -545,8 +623,9 @@ class PeftModel(nn.Module):
         names = list(selected_adapters or self.peft_config)
         self._check_names(names)
         for name in names:
-            directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self, name, directory)
+            save_adapter(self, name, adapter_directory(save_directory, name))
+        if len(names) > 1:
+            Composition(tuple(names), tuple(n for n in self._active if n in names)).write(save_directory)
 
     def load_adapter(
         self,
@@ -590,6 +669,47 @@ class PeftModel(nn.Module):
         peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         load_adapter_weights(peft_model, adapter_name, weights)
         return peft_model
+
+    @classmethod
+    def from_composition(
+        cls,
+        model: nn.Module,
+        model_id: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> PeftModel:
+        """Wrap `model` with every adapter `save_pretrained` wrote into the folder `model_id`, in their order,
+        with the adapters that were active then active again: the model computes what it did when saved."""
+        if os.path.isfile(os.path.join(model_id, CONFIG_NAME)) and not os.path.isfile(
+            os.path.join(model_id, COMPOSITION_NAME)
+        ):  # one adapter, saved at the top level
+            composition = Composition((TOP_LEVEL_ADAPTER,), (TOP_LEVEL_ADAPTER,))
+        else:
+            composition = Composition.read(model_id)
+        first, *others = composition.adapters
+        loaded = cls.from_pretrained(
+            model,
+            adapter_directory(model_id, first),
+            adapter_name=first,
+            is_trainable=is_trainable,
+            allow_pickle=allow_pickle,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        for name in others:
+            loaded.load_adapter(
+                adapter_directory(model_id, name),
+                name,
+                is_trainable=is_trainable,
+                allow_pickle=allow_pickle,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
+        loaded.set_adapter(list(composition.active) or [first])
+        return loaded
+
+
+def _reasons(kept: dict[str, str]) -> str:
+    return "; ".join(f"{name!r} ({reason})" for name, reason in kept.items())
 
 
 def _read_adapter(

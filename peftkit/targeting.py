@@ -60,20 +60,25 @@ def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> A
 
 
 def adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """(name, module) pairs of the user's model, skipping the insides of peftkit's own wrappers."""
+    """(name, module) pairs of the user's model as it was before wrapping, in module order: a wrapped layer
+    is its original module under its own name, and a wrapped block's layers keep their names inside it;
+    the adapters themselves and the insides of wrapped heads (modules_to_save) are skipped."""
     from .layer import ModulesToSave, TunedLayer
 
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
         if isinstance(module, TunedLayer):
-            skip.append(name + ".")
-            yield name, module.base_layer
+            module = module.base_layer
+        if id(module) in seen:
             continue
-        if isinstance(module, ModulesToSave):
-            skip.append(name + ".")
+        seen.add(id(module))
         yield name, module
+        if isinstance(module, ModulesToSave):
+            continue
+        prefix = f"{name}." if name else ""
+        stack.extend(reversed([(prefix + k, c) for k, c in module._modules.items() if c is not None]))
 
 
 def model_type(model: nn.Module) -> str | None:

@@ -314,6 +314,7 @@ def test_save_leaves_no_temporary_files(tmp_path):
     model.save_pretrained(str(tmp_path))
     files = [os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs]
     assert sorted(files) == [
+        "adapter_composition.json",
         "adapter_config.json",
         "adapter_model.safetensors",
         os.path.join("other", "adapter_config.json"),

@@ -172,6 +172,7 @@ def test_save_pretrained_several_adapters(tmp_path, input_ids):
 
     model.save_pretrained(tmp_path / "all")
     assert sorted(os.listdir(tmp_path / "all")) == [
+        "adapter_composition.json",
         "adapter_config.json",
         "adapter_model.safetensors",
         "other",
