@@ -148,7 +148,7 @@ def test_from_composition_reads_a_single_adapter_folder_and_explains_a_missing_f
     (tmp_path / "both" / "other" / "adapter_config.json").unlink()
     (tmp_path / "both" / "other" / "adapter_model.safetensors").unlink()
     (tmp_path / "both" / "other").rmdir()
-    with pytest.raises(FileNotFoundError, match=r"lists adapters \['other'\] whose folders are missing"):
+    with pytest.raises(FileNotFoundError, match=r"lists adapters \['other'\] whose folders are not in"):
         PeftModel.from_composition(tiny_gpt2(), str(tmp_path / "both"))
 
 
