@@ -53,7 +53,12 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     from .train import method_choices
 
     method = parser.add_argument_group("method")
-    method.add_argument("--method", default="lora", choices=list(method_choices()), help="default lora")
+    method.add_argument(
+        "--method",
+        default="lora",
+        help=f"{', '.join(method_choices())} (default lora); join several with + (lora+bottleneck) to "
+        "train them together, each with its own options (--set bottleneck.adapter_size=32)",
+    )
     method.add_argument("--r", type=int, help="rank (LoRA, AdaLoRA)")
     method.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha / r")
     method.add_argument("--dropout", type=float, help="dropout on the adapter's input")
@@ -63,7 +68,8 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="any option of the method's config, e.g. --set use_dora=true --set init_lora_weights=pissa",
+        help="any option of the method's config, e.g. --set use_dora=true --set init_lora_weights=pissa; "
+        "METHOD.KEY=VALUE sets it for one of several methods (--set lora.r=16)",
     )
 
 
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers_logging.set_verbosity_error()  # a new classification head is expected; peftkit says so
     transformers_logging.disable_progress_bar()  # the weight-loading bar
+    from ..layer import NotMergeableError
     from . import commands, train
 
     try:
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             commands.run_merge(args)
         else:
             commands.run_inspect(args)
-    except ValueError as error:
+    except (ValueError, NotMergeableError) as error:
         print(f"peftkit {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

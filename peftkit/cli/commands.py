@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ..composition import COMPOSITION_NAME
 from ..config import CONFIG_NAME, TaskType
 from ..peft_model import PeftModel, get_peft_model
 from ..serialization import load_config
@@ -21,7 +22,7 @@ from ..targeting import is_linear, output_head_names, suggest_targets
 from .data import load_dataset, split
 from .metrics import evaluate
 from .models import is_causal_lm, load_model, load_tokenizer, model_folder
-from .train import FULL, RUN_FILE, build_config, format_metrics
+from .train import FULL, RUN_FILE, build_configs, format_metrics, method_names
 
 
 def read_run(adapter: Path) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def load_trained(
         folder = model_folder(args.model or run.get("model") or _missing("--model"))
         bits = run.get("quantize") if quantized else None
         base = load_model(folder, task, head_labels, run.get("seed", 0), bits)
-        return PeftModel.from_pretrained(base, str(adapter)), load_tokenizer(folder)
+        return PeftModel.from_composition(base, str(adapter)), load_tokenizer(folder)
     return load_model(adapter, task, head_labels), load_tokenizer(adapter)
 
 
@@ -108,6 +109,11 @@ def run_merge(args: argparse.Namespace) -> None:
     for adapter in adapters:
         if not (adapter / CONFIG_NAME).is_file():
             raise SystemExit(f"--adapter {adapter} holds a whole model (--method {FULL}); nothing to merge.")
+        if len(adapters) > 1 and (adapter / COMPOSITION_NAME).is_file():
+            raise ValueError(
+                f"--adapter {adapter} holds several adapters trained together (--method a+b); combining "
+                "runs takes one adapter from each. Merge that run on its own, or pass its parts' folders."
+            )
     task = run.get("task") or "causal-lm"
     labels = run.get("labels") or []
     # A QLoRA adapter is merged into the float32 base, not the 4-bit one: a plain model to load anywhere.
@@ -137,7 +143,7 @@ def run_merge(args: argparse.Namespace) -> None:
                 shutil.copy(adapters[0] / RUN_FILE, partial / name / RUN_FILE)
             written = partial / name
         else:
-            merged = model.merge_and_unload(adapter_names=[name])
+            merged = model.merge_and_unload(adapter_names=[name] if name != "default" else None)
             merged.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             written = partial
@@ -227,14 +233,21 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f'\nsuggested target_modules: {targets}  (or "all-linear")')
         print(f"\n--method {FULL}: trainable parameters {total:,} of {total:,} (100%)")
         return
-    config = build_config(args, task, total_steps=1000)
-    peft_model = get_peft_model(model, config)
+    configs = build_configs(args, task, total_steps=1000)
+    peft_model = get_peft_model(model, configs["default"])
+    for name, config in list(configs.items())[1:]:
+        peft_model.add_adapter(name, config)
+    peft_model.set_adapter(list(configs))
     heads = {m.rsplit(".", 1)[-1] for m in peft_model.peft_config["default"].modules_to_save or []}
     suggested = [t for t in targets if t not in heads]  # a task head is trained whole, not adapted
     print(f'\nsuggested target_modules: {suggested}  (or "all-linear")')
     trainable, total = peft_model.get_nb_trainable_parameters()
-    resolved = getattr(peft_model.peft_config["default"], "target_modules", None)
-    shown = re.sub(r"\s+", " ", str(resolved))
+    targets_of = {
+        method: re.sub(r"\s+", " ", str(getattr(config, "target_modules", None)))
+        for method, config in zip(method_names(args.method), peft_model.peft_config.values(), strict=True)
+    }
+    shown = ", ".join(f"{m} {t}" for m, t in targets_of.items())
+    shown = shown if len(targets_of) > 1 else targets_of[args.method]
     print(
         f"\n--method {args.method} (target_modules {shown}): trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.4f}%)"

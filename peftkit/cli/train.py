@@ -30,11 +30,12 @@ from transformers import (
     set_seed,
 )
 
-from ..config import PeftConfig, TaskType, atomic_write
+from ..composition import COMPOSITION_NAME, adapter_directory
+from ..config import CONFIG_NAME, PeftConfig, TaskType, atomic_write
 from ..peft_model import PeftModel, get_peft_model
 from ..quantization import prepare_model_for_kbit_training
 from ..registry import METHODS, method_for
-from ..serialization import load_adapter_weights, read_weights
+from ..serialization import WEIGHTS_NAME, adapter_parameters, load_adapter_weights, read_weights
 from .data import Collator, Dataset, causal_lm_features, classification_features, load_dataset, split
 from .metrics import evaluate
 from .models import DEMO_DEFAULTS, is_causal_lm, load_model, load_tokenizer, model_folder
@@ -62,36 +63,95 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def method_options(config_class: type[PeftConfig], args: argparse.Namespace) -> dict[str, Any]:
-    """The config options given on the command line: the shared flags and every `--set KEY=VALUE`."""
+def method_names(spec: str) -> list[str]:
+    """`--method lora+bottleneck` as its methods, each a name `method_choices` knows, each once."""
+    names = [n.strip() for n in spec.split("+")]
+    choices = method_choices()
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ValueError(f"--method {spec}: {unknown} unknown; choose from {', '.join(choices)}, joined by +")
+    if len(names) > 1 and (FULL in names or len(set(names)) < len(names)):
+        raise ValueError(
+            f"--method {spec}: join different methods, each once, and not {FULL} (it trains every weight)."
+        )
+    return names
+
+
+def target_list(value: Any) -> Any:
+    """A `target_modules` value as the flag takes it: comma-separated names, or "all-linear"."""
+    if isinstance(value, str) and value != "all-linear":
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def method_options(config_class: type[PeftConfig], method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The config options given on the command line for `method`: the shared flags and `--set KEY=VALUE`,
+    where the method has the option (one method alone takes every one, and its config names what is wrong),
+    and every `--set METHOD.KEY=VALUE` for this method."""
     fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    alone = "+" not in args.method
+
+    def field(key: str) -> str | None:
+        name = key if key in fields else config_class.option_aliases.get(key)
+        return name if name in fields else None
+
     options: dict[str, Any] = {}
     for flag in METHOD_FLAGS:
         value = getattr(args, flag)
         if value is None:
             continue
-        name = flag if flag in fields else config_class.option_aliases.get(flag)
-        if name not in fields:
-            raise ValueError(f"--{flag.replace('_', '-')} is not an option of --method {args.method}.")
-        if flag == "target_modules" and value != "all-linear":
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        options[name] = value
+        if field(flag) is None:
+            if alone:
+                raise ValueError(f"--{flag.replace('_', '-')} is not an option of --method {args.method}.")
+            continue
+        options[field(flag)] = target_list(value) if flag == "target_modules" else value
+    for scope, key, value in set_options(args):
+        if scope not in (None, method) or (scope is None and not alone and field(key) is None):
+            continue
+        name = field(key) or key
+        options[name] = target_list(value) if name == "target_modules" else value
+    return options
+
+
+def set_options(args: argparse.Namespace) -> list[tuple[str | None, str, Any]]:
+    """Every `--set [METHOD.]KEY=VALUE` as (METHOD or None, KEY, value)."""
+    found = []
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: write it as KEY=VALUE, for example --set use_dora=true.")
-        options[config_class.option_aliases.get(key, key)] = parse_value(value)
-    return options
+        scope, dot, name = key.rpartition(".")
+        found.append((scope if dot else None, name, parse_value(value)))
+    return found
 
 
-def build_config(args: argparse.Namespace, task: str, total_steps: int) -> PeftConfig:
-    config_class = method_choices()[args.method]
-    options = config_class.training_defaults(total_steps) | method_options(config_class, args)
+def build_configs(args: argparse.Namespace, task: str, total_steps: int) -> dict[str, PeftConfig]:
+    """One config per method of `--method` (several joined by '+'), by adapter name: the first method is
+    "default" (saved at the top level), each other one is named after its method."""
+    names = method_names(args.method)
+    unplaced = [s for s, _, _ in set_options(args) if s is not None and s not in names]
+    if unplaced:
+        raise ValueError(f"--set {unplaced[0]}.KEY=...: {unplaced[0]!r} is not in --method {args.method}.")
     task_type = TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS
-    try:
-        return config_class(task_type=task_type, **options)
-    except TypeError as error:  # an option the config does not have: the message names the close ones
-        raise ValueError(f"--method {args.method}: {error}") from None
+    configs, taken = {}, set()
+    for i, method in enumerate(names):
+        config_class = method_choices()[method]
+        options = method_options(config_class, method, args)
+        taken |= set(options)
+        try:
+            options = config_class.training_defaults(total_steps) | options
+            config = config_class(task_type=task_type, **options)
+        except TypeError as error:  # an option the config does not have: the message names the close ones
+            raise ValueError(f"--method {method}: {error}") from None
+        configs["default" if i == 0 else method] = config
+    if len(names) > 1:
+        given = [f for f in METHOD_FLAGS if getattr(args, f) is not None]
+        given += [k for _, k, _ in set_options(args)]
+        aliases = {a: f for c in map(type, configs.values()) for a, f in c.option_aliases.items()}
+        stray = [k for k in given if k not in taken and aliases.get(k) not in taken]
+        if stray:
+            raise ValueError(f"{stray[0]!r} is an option of none of --method {args.method}'s methods.")
+    return configs
 
 
 def infer_task(requested: str | None, dataset: Dataset, causal: bool) -> str:
@@ -118,6 +178,25 @@ class AdapterTrainer(Trainer):
     TRAINING_STATE, which resuming loads: every trainable tensor as it is in training (diff pruning's files
     hold the projected sparse diff, not the gated dense one) and the model adapters' running state
     (AdaLoRA's importance scores)."""
+
+    def __init__(self, *args: Any, learning_rates: dict[str, float] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.learning_rates = learning_rates or {}
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with one parameter group per adapter at its own learning rate when the
+        model combines several methods."""
+        peft_model = self.accelerator.unwrap_model(model or self.model)
+        if self.optimizer is None and len(self.learning_rates) > 1:
+            optimizer_class, options = self.get_optimizer_cls_and_kwargs(self.args, peft_model)
+            groups, seen = [], set()
+            for name, lr in self.learning_rates.items():
+                params = [p for p in adapter_parameters(peft_model, name) if p.requires_grad]
+                params = [p for p in params if id(p) not in seen]
+                seen |= {id(p) for p in params}
+                groups.append({"params": params, "lr": lr})
+            self.optimizer = optimizer_class(groups, **options)
+        return super().create_optimizer(model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -249,11 +328,16 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
+    learning_rates: dict[str, float] = {}  # by adapter; each method trains at its own rate unless --lr
     if args.method != FULL:
-        config = build_config(args, task, total_steps)
-        model = get_peft_model(model, config)
-        extra = method_for(config).training_callbacks(config)
-        learning_rate = args.lr or type(config).default_learning_rate
+        configs = build_configs(args, task, total_steps)
+        model = get_peft_model(model, configs["default"])
+        for name, config in list(configs.items())[1:]:
+            model.add_adapter(name, config)
+        model.set_adapter(list(configs))
+        extra = [c for config in configs.values() for c in method_for(config).training_callbacks(config)]
+        learning_rates = {n: args.lr or type(c).default_learning_rate for n, c in configs.items()}
+        learning_rate = learning_rates["default"]
     else:
         extra, learning_rate = [], args.lr or 2e-5
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -283,7 +367,11 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
         rows = f"{len(train_rows)} training and {len(test_rows)} held-out rows"
         print(f"{args.method} on {args.model} ({task}), {rows}")
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
-        print(f"{total_steps} optimizer steps of {global_batch} rows, learning rate {learning_rate:g}")
+        rates = f"{learning_rate:g}"
+        if len(learning_rates) > 1:
+            methods = method_names(args.method)
+            rates = ", ".join(f"{lr:g} ({m})" for lr, m in zip(learning_rates.values(), methods, strict=True))
+        print(f"{total_steps} optimizer steps of {global_batch} rows, learning rate {rates}")
     before = previous.get("before")
     if before is None and main_process:
         before = evaluate(
@@ -320,6 +408,7 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
     )
     trainer = AdapterTrainer(
         model=model,
+        learning_rates=learning_rates,
         args=training_args,
         train_dataset=features,
         data_collator=Collator(tokenizer.pad_token_id),
@@ -343,7 +432,11 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
             run_files = {RUN_FILE, METRICS_FILE}
             saved = [p.name for p in output.iterdir() if p.is_file() and p.name not in run_files]
         else:
-            saved = ["adapter_config.json", "adapter_model.safetensors"]
+            saved = [
+                str(Path(adapter_directory("", name)) / file)
+                for name in model.peft_config
+                for file in (CONFIG_NAME, WEIGHTS_NAME)
+            ] + ([COMPOSITION_NAME] if len(model.peft_config) > 1 else [])
         write_json(output / RUN_FILE, run)
         after = evaluate(
             model, tokenizer, task, test_rows, labels, template, args.max_length, args.eval_batch_size

@@ -6,12 +6,12 @@ import pytest
 
 from peftkit import AdaLoraConfig, LoraConfig, PromptTuningConfig, TaskType
 from peftkit.cli import build_parser
-from peftkit.cli.train import build_config, method_choices, parse_value
+from peftkit.cli.train import build_configs, method_choices, parse_value
 from peftkit.registry import METHODS
 
 
 def config_for(*argv: str, task: str = "classification", total_steps: int = 100):
-    return build_config(build_parser().parse_args(["train", *argv]), task, total_steps)
+    return build_configs(build_parser().parse_args(["train", *argv]), task, total_steps)["default"]
 
 
 def test_every_registered_method_is_offered_with_full_fine_tuning():

@@ -28,6 +28,7 @@ CASES = {  # dropout on where the method has it, so the restored random state ma
     "lora-encoder": ("encoder_folder", ["--dropout", 0.1]),
     "lora-causal": ("causal_folder", ["--dropout", 0.1]),
     **{method: ("encoder_folder", []) for method in method_choices() if method != "lora"},
+    "lora+bottleneck+prompt-tuning": ("encoder_folder", ["--set", "adapter_size=4"]),  # one group each
 }
 
 
@@ -35,7 +36,7 @@ CASES = {  # dropout on where the method has it, so the restored random state ma
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(case, sentiment_csv, tmp_path, request):
     fixture, extra = CASES[case]
     folder = request.getfixturevalue(fixture)
-    method = "lora" if case.startswith("lora") else case
+    method = "lora" if case.startswith("lora-") else case
 
     def argv(output):
         return [
@@ -52,11 +53,13 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(case, sentime
     ).read_text().count("after")
     assert main([str(a) for a in argv(tmp_path / "crashed")] + ["--resume"]) == 0
 
-    saved = "model.safetensors" if method == "full" else "adapter_model.safetensors"
-    whole, resumed = (load_file(tmp_path / run / saved) for run in ("whole", "crashed"))
-    assert whole.keys() == resumed.keys()
-    for key in whole:
-        assert torch.equal(whole[key], resumed[key]), key
+    saved = ["model.safetensors" if method == "full" else "adapter_model.safetensors"]
+    saved += [f"{m}/adapter_model.safetensors" for m in method.split("+")[1:]]
+    for file in saved:
+        whole, resumed = (load_file(tmp_path / run / file) for run in ("whole", "crashed"))
+        assert whole.keys() == resumed.keys()
+        for key in whole:
+            assert torch.equal(whole[key], resumed[key]), key
     first, second = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("whole", "crashed"))
     assert first["after"] == second["after"] and first["before"] == second["before"]
     assert second["optimizer_steps"] == 8

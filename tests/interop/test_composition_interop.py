@@ -19,7 +19,7 @@ PARTS = {
             "default": peftkit.LoraConfig(target_modules=["q_proj", "v_proj"], r=4),
             "ffn": peftkit.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
             "prompt": peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-            "block": peftkit.BottleneckConfig(target_modules=["mlp"], adapter_size=4),  # peft has no such method
+            "block": peftkit.BottleneckConfig(target_modules=["mlp"], adapter_size=4),  # not in peft
         },
     ),
     "gpt2": (
