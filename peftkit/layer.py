@@ -138,7 +138,8 @@ class ModelAdapter(SavedState, nn.Module):
       decoder-only model, the core prepends the original `input_ids` to the output.
     * `finish_outputs`: change the model's outputs, e.g. add a regulariser to `outputs.loss` in training.
     * `exports`: names of methods that `PeftModel` exposes while the adapter is active
-      (`model.update_and_allocate(step)` calls this module's `update_and_allocate`).
+      (`model.update_and_allocate(step)` calls this module's `update_and_allocate`; with several active
+      adapters exporting it, each one's in turn, returning the list of their results).
     * `layer_adapters`: set by the core after injection, module name -> this adapter's `LayerAdapter`s.
     * `training_state` / `load_training_state`: tensors besides parameters that training carries from step
       to step (running statistics); checkpoints keep them so that a resumed run continues exactly.

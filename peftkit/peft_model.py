@@ -115,9 +115,15 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name in ("_modules", "base_model", "model_adapters", "_active"):
                 raise
-            for adapter_name in self._active:  # model-wide operations a method exports (update_and_allocate)
-                if adapter_name in self.model_adapters and name in self.model_adapters[adapter_name].exports:
-                    return getattr(self.model_adapters[adapter_name], name)
+            exporting = [  # model-wide operations a method exports (update_and_allocate)
+                self.model_adapters[n]
+                for n in self._active
+                if n in self.model_adapters and name in self.model_adapters[n].exports
+            ]
+            if len(exporting) == 1:
+                return getattr(exporting[0], name)
+            if exporting:
+                return functools.partial(_call_each, [getattr(a, name) for a in exporting])
             return getattr(self.base_model.model, name)
 
     # ---- what is in the model ----------------------------------------------------------------
@@ -706,6 +712,11 @@ class PeftModel(nn.Module):
             )
         loaded.set_adapter(list(composition.active) or [first])
         return loaded
+
+
+def _call_each(functions: list, *args: Any, **kwargs: Any) -> list:
+    """An operation that several active adapters export, run on each in order: their results."""
+    return [function(*args, **kwargs) for function in functions]
 
 
 def _reasons(kept: dict[str, str]) -> str:

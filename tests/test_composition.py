@@ -269,3 +269,18 @@ def test_a_layer_inside_a_wrapped_block_keeps_its_name(block_first, tmp_path):
     plain = model.unload()
     assert type(plain.transformer.h[0].mlp) is type(original.transformer.h[0].mlp)
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in original.named_parameters()]
+
+
+def test_an_operation_two_active_adapters_export_runs_on_each():
+    """Two diff-pruning adapters: model.finalize_diff_pruning() projects both, so both merge."""
+    model = get_peft_model(tiny_gpt2(), DiffPruningConfig(target_modules=["c_fc"], density=0.2))
+    model.add_adapter("attn", DiffPruningConfig(target_modules=["c_attn"], density=0.1))
+    model.set_adapter(["default", "attn"])
+    randomize_adapters(model, seed=6)
+    assert model.finalize_diff_pruning() == [None, None]
+    expected = logits(model)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(logits(plain), expected, atol=1e-5, rtol=1e-5)
+    model = get_peft_model(tiny_gpt2(), DiffPruningConfig(target_modules=["c_fc"], density=0.2))
+    model.finalize_diff_pruning()  # one adapter: its own result
+    assert model.get_base_model().transformer.h[0].mlp.c_fc.adapters["default"].projected
