@@ -109,10 +109,11 @@ def run_merge(args: argparse.Namespace) -> None:
     for adapter in adapters:
         if not (adapter / CONFIG_NAME).is_file():
             raise SystemExit(f"--adapter {adapter} holds a whole model (--method {FULL}); nothing to merge.")
-        if len(adapters) > 1 and (adapter / COMPOSITION_NAME).is_file():
+        if (len(adapters) > 1 or args.as_adapter) and (adapter / COMPOSITION_NAME).is_file():
             raise ValueError(
                 f"--adapter {adapter} holds several adapters trained together (--method a+b); combining "
-                "runs takes one adapter from each. Merge that run on its own, or pass its parts' folders."
+                "runs (and --as-adapter) takes one adapter from each. Merge that run on its own into a "
+                "model, or pass its parts' folders."
             )
     task = run.get("task") or "causal-lm"
     labels = run.get("labels") or []

@@ -111,6 +111,8 @@ def test_merging_a_combination_with_a_bottleneck_names_what_cannot_fold(
     assert not (tmp_path / "merged").exists()
     assert cli("merge", "--adapter", output, "--adapter", output, "--output", tmp_path / "m2") == 2
     assert "holds several adapters trained together" in capsys.readouterr().err
+    assert cli("merge", "--adapter", output, "--as-adapter", "--output", tmp_path / "m3") == 2
+    assert "holds several adapters trained together" in capsys.readouterr().err
 
 
 def test_inspect_counts_a_combination(encoder_folder, capsys):
