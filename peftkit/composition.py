@@ -52,8 +52,15 @@ class Composition:
             )
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-        if not isinstance(data, dict) or not isinstance(data.get("adapters"), list):
-            raise ValueError(f"{path} does not list 'adapters'; it is not a composition file.")
+        lists = isinstance(data, dict) and all(
+            isinstance(data.get(key, []), list) and all(isinstance(n, str) for n in data.get(key, []))
+            for key in ("adapters", "active")
+        )
+        if not lists or not data.get("adapters"):
+            raise ValueError(
+                f"{path} is not a composition file: it needs 'adapters' (and may have 'active'), each a list "
+                "of adapter names."
+            )
         composition = cls(tuple(data["adapters"]), tuple(data.get("active", [])))
         missing = [n for n in composition.adapters if not os.path.isdir(adapter_directory(root, n))]
         if missing:

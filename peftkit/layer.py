@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, ClassVar
 
@@ -392,25 +392,30 @@ class TunedLayer(AdapterHolder):
         return forward_mixed([adapter for _, adapter, _ in groups], row_index, x, out, self.base_layer)
 
 
-def holders_in(model: nn.Module) -> list[tuple[str, AdapterHolder]]:
-    """(name, holder) for every AdapterHolder in `model`, in module order, named as in the unwrapped model:
-    a TunedLayer's base (which can hold more: a wrapped block) is walked under the TunedLayer's own name,
-    so `block.mlp.base_layer.c_fc` is `block.mlp.c_fc`, and the layer adapters, which hold none, are not."""
-    found, seen = [], set()
+def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every module of `model` in module order, named as in the unwrapped model: a
+    TunedLayer, then its base under the same name (a wrapped block's layers keep their names inside it, so
+    `mlp.base_layer.c_fc` is `mlp.c_fc`). Layer adapters and the insides of a ModulesToSave, which hold no
+    wrappers and no targets, are not walked."""
+    seen: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         path, module = stack.pop()
         if id(module) in seen:
             continue
         seen.add(id(module))
-        if isinstance(module, AdapterHolder):
-            found.append((path, module))
+        yield path, module
         if isinstance(module, TunedLayer):
             stack.append((path, module.base_layer))
-            continue
-        prefix = f"{path}." if path else ""
-        stack.extend(reversed([(prefix + k, c) for k, c in module._modules.items() if c is not None]))
-    return found
+        elif not isinstance(module, ModulesToSave):
+            prefix = f"{path}." if path else ""
+            stack.extend(reversed([(prefix + k, c) for k, c in module._modules.items() if c is not None]))
+
+
+def holders_in(model: nn.Module) -> list[tuple[str, AdapterHolder]]:
+    """(name, holder) for every AdapterHolder in `model`, in module order, named as `unwrapped_modules` names
+    them."""
+    return [(path, m) for path, m in unwrapped_modules(model) if isinstance(m, AdapterHolder)]
 
 
 class ModulesToSave(AdapterHolder):

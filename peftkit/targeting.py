@@ -63,22 +63,9 @@ def adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """(name, module) pairs of the user's model as it was before wrapping, in module order: a wrapped layer
     is its original module under its own name, and a wrapped block's layers keep their names inside it;
     the adapters themselves and the insides of wrapped heads (modules_to_save) are skipped."""
-    from .layer import ModulesToSave, TunedLayer
+    from .layer import TunedLayer, unwrapped_modules
 
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if isinstance(module, TunedLayer):
-            module = module.base_layer
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        if isinstance(module, ModulesToSave):
-            continue
-        prefix = f"{name}." if name else ""
-        stack.extend(reversed([(prefix + k, c) for k, c in module._modules.items() if c is not None]))
+    return ((n, m) for n, m in unwrapped_modules(model) if not isinstance(m, TunedLayer))
 
 
 def model_type(model: nn.Module) -> str | None:

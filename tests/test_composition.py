@@ -150,6 +150,10 @@ def test_from_composition_reads_a_single_adapter_folder_and_explains_a_missing_f
     (tmp_path / "both" / "other").rmdir()
     with pytest.raises(FileNotFoundError, match=r"lists adapters \['other'\] whose folders are not in"):
         PeftModel.from_composition(tiny_gpt2(), str(tmp_path / "both"))
+    not_a_list = '{"adapters": ["default"], "active": "default"}'
+    (tmp_path / "both" / "adapter_composition.json").write_text(not_a_list)
+    with pytest.raises(ValueError, match="needs 'adapters' .* each a list of adapter names"):
+        PeftModel.from_composition(tiny_gpt2(), str(tmp_path / "both"))
 
 
 def test_a_classification_combination_trains_one_head():
