@@ -30,6 +30,12 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
 VOCAB = 100
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--long", action="store_true", help="run the long cases: many more generated inputs and kill points"
+    )
+
+
 @contextlib.contextmanager
 def one_torch_thread():
     """bitsandbytes' CPU kernels use the system's OpenMP runtime and torch its own: on a small machine the

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--num-labels", type=int, default=2, help="classes of the head, for counting")
     inspect.add_argument("--depth", type=int, default=6, help="levels of the module tree to show")
     _method_options(inspect)
+    for command in (train, evaluate, merge, inspect):
+        command.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     return parser
 
 
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..layer import NotMergeableError
     from . import commands, train
 
+    # A bad input, a missing or unreadable file, a full disk: one line naming it, exit status 2.
+    clear_errors = (ValueError, TypeError, OSError, NotMergeableError, train.TrainingStopped)
+
     try:
         if args.command == "train":
             args.output = args.output or os.path.join("runs", f"{os.path.basename(args.model)}-{args.method}")
@@ -158,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             commands.run_merge(args)
         else:
             commands.run_inspect(args)
-    except (ValueError, NotMergeableError) as error:
-        print(f"peftkit {args.command}: error: {error}", file=sys.stderr)
+    except clear_errors as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())  # one line
+        print(f"peftkit {args.command}: error: {message} (--debug shows where)", file=sys.stderr)
         return 2
     return 0

@@ -36,7 +36,7 @@ def read_run(adapter: Path) -> dict[str, Any]:
         return {"task": task}
     if (adapter / "config.json").is_file():
         return {}
-    raise SystemExit(f"--adapter {str(adapter)!r} holds neither an adapter ({CONFIG_NAME}) nor a model.")
+    raise FileNotFoundError(f"--adapter {str(adapter)!r} holds neither an adapter ({CONFIG_NAME}) nor a model.")
 
 
 def load_trained(
@@ -55,7 +55,7 @@ def load_trained(
 
 
 def _missing(flag: str) -> Any:
-    raise SystemExit(f"{flag} is needed: the adapter folder does not record it.")
+    raise ValueError(f"{flag} is needed: the adapter folder does not record it.")
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
@@ -83,7 +83,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     labels = run.get("labels") or dataset.labels
     unknown = sorted({e.label for e in rows if e.label is not None} - set(labels))
     if unknown:
-        raise SystemExit(f"The data has labels the model was not trained on: {unknown}; it knows {labels}.")
+        raise ValueError(f"The data has labels the model was not trained on: {unknown}; it knows {labels}.")
     model, tokenizer = load_trained(args, run, task, labels)
     template = args.prompt_template or run.get("prompt_template") or dataset.prompt_template
     max_length = args.max_length or run.get("max_length", 128)
@@ -103,12 +103,12 @@ def run_merge(args: argparse.Namespace) -> None:
     half-written."""
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
-        raise SystemExit(f"--output {output} exists and is not empty; merge into a new folder.")
+        raise ValueError(f"--output {output} exists and is not empty; merge into a new folder.")
     adapters = [Path(a) for a in args.adapter]
     run = read_run(adapters[0])
     for adapter in adapters:
         if not (adapter / CONFIG_NAME).is_file():
-            raise SystemExit(f"--adapter {adapter} holds a whole model (--method {FULL}); nothing to merge.")
+            raise ValueError(f"--adapter {adapter} holds a whole model (--method {FULL}); nothing to merge.")
         if (len(adapters) > 1 or args.as_adapter) and (adapter / COMPOSITION_NAME).is_file():
             raise ValueError(
                 f"--adapter {adapter} holds several adapters trained together (--method a+b); combining "

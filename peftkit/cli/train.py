@@ -49,6 +49,11 @@ FULL = "full"
 METHOD_FLAGS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens")
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped on a fault it cannot go past (a loss or gradient that is no longer finite); the
+    message names the step and what was kept."""
+
+
 def method_choices() -> dict[str, type[PeftConfig] | None]:
     """Every registered method by its command-line name ("PREFIX_TUNING" is "prefix-tuning"), and "full"."""
     choices = {t.lower().replace("_", "-"): m.config_class for t, m in sorted(METHODS.items())}
@@ -293,9 +298,9 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = int(os.environ.get("RANK", "0")) == 0
     if args.resume and not any(checkpoints.glob("checkpoint-*")):
-        raise SystemExit(f"--resume: no checkpoint in {checkpoints}; start the run without --resume.")
+        raise ValueError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume.")
     if not args.resume and any(checkpoints.glob("checkpoint-*")):
-        raise SystemExit(
+        raise ValueError(
             f"{output} already holds a run's checkpoints. Pass --resume to continue it, or another --output."
         )
 

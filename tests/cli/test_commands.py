@@ -88,8 +88,8 @@ def test_eval_of_an_adapter_made_elsewhere(classifier_run, encoder_folder, senti
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     after = json.loads((classifier_run / "metrics.json").read_text())["after"]
     assert {k: printed[k] for k in after} == after
-    with pytest.raises(SystemExit, match="--model is needed"):
-        cli("eval", "--adapter", bare, "--data", sentiment_csv)
+    assert cli("eval", "--adapter", bare, "--data", sentiment_csv) == 2
+    assert "--model is needed" in capsys.readouterr().err
 
 
 def test_the_adapter_loads_in_hugging_face_peft_with_the_same_outputs(classifier_run, encoder_folder):
@@ -104,7 +104,7 @@ def test_the_adapter_loads_in_hugging_face_peft_with_the_same_outputs(classifier
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_writes_a_model_transformers_loads(classifier_run, encoder_folder, tmp_path):
+def test_merge_writes_a_model_transformers_loads(classifier_run, encoder_folder, tmp_path, capsys):
     output = tmp_path / "merged"
     assert cli("merge", "--adapter", classifier_run, "--output", output) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(output).eval()
@@ -116,8 +116,8 @@ def test_merge_writes_a_model_transformers_loads(classifier_run, encoder_folder,
     batch = tokenizer(["the film was good", "awful plot"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(SystemExit, match="exists and is not empty"):
-        cli("merge", "--adapter", classifier_run, "--output", output)
+    assert cli("merge", "--adapter", classifier_run, "--output", output) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
 
 
 def test_inspect_shows_layers_targets_and_the_trainable_count(encoder_folder, capsys):
@@ -133,9 +133,11 @@ def test_inspect_shows_layers_targets_and_the_trainable_count(encoder_folder, ca
     assert "trainable parameters 578 of" in out  # 4·(32 + 32) on 2 layers, and the head's 32·2 + 2
 
 
-def test_training_again_into_a_run_folder_needs_resume(classifier_run, encoder_folder, sentiment_csv):
-    with pytest.raises(SystemExit, match="already holds a run's checkpoints. Pass --resume"):
-        cli(*train_args(encoder_folder, sentiment_csv, classifier_run, "--max-steps", 2))
+def test_training_again_into_a_run_folder_needs_resume(
+    classifier_run, encoder_folder, sentiment_csv, capsys
+):
+    assert cli(*train_args(encoder_folder, sentiment_csv, classifier_run, "--max-steps", 2)) == 2
+    assert "already holds a run's checkpoints. Pass --resume" in capsys.readouterr().err
 
 
 def test_bad_options_say_what_to_do(encoder_folder, sentiment_csv, tmp_path, capsys):
@@ -146,8 +148,8 @@ def test_bad_options_say_what_to_do(encoder_folder, sentiment_csv, tmp_path, cap
     assert "no option 'lora_alpah' (did you mean 'lora_alpha'?)" in capsys.readouterr().err
     assert cli(*args, "--method", "ia3", "--r", 4) == 2
     assert "--r is not an option of --method ia3" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        cli(*args, "--resume")
+    assert cli(*args, "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
     assert cli(*args, "--label-column", "stars") == 2
     assert "classification needs labels" not in capsys.readouterr().err  # a column that's absent: no labels
 
