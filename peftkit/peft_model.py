@@ -19,7 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .composition import COMPOSITION_NAME, TOP_LEVEL_ADAPTER, Composition, adapter_directory
+from .composition import (
+    COMPOSITION_NAME,
+    TOP_LEVEL_ADAPTER,
+    Composition,
+    adapter_directory,
+    check_adapter_name,
+    outside,
+)
 from .config import CONFIG_NAME, PeftConfig, TaskType
 from .layer import (
     BASE_ROW,
@@ -34,7 +41,15 @@ from .layer import (
 from .merging import WeightedMerge
 from .quantization import dequantize_model
 from .registry import method_for
-from .serialization import adapter_parameters, load_adapter_weights, load_config, read_weights, save_adapter
+from .serialization import (
+    adapter_parameters,
+    check_folder,
+    load_adapter_weights,
+    load_config,
+    read_weights,
+    save_adapter,
+    weights_file,
+)
 from .targeting import find_targets, in_modules_to_save
 
 
@@ -84,6 +99,7 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
+        check_adapter_name(adapter_name)  # before the model is touched
         self.base_model = BaseModelHolder(model)
         self.model_adapters = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
@@ -157,12 +173,7 @@ class PeftModel(nn.Module):
         Adapter weights take the base layer's device and dtype, except that with `autocast_adapter_dtype`
         they stay in float32 over a float16/bfloat16 base, which trains more stably. `low_cpu_mem_usage`
         is accepted for Hugging Face peft's signature; adapters here are small and built directly."""
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"An adapter named {adapter_name!r} exists already; delete_adapter it or pick another name."
-            )
-        if adapter_name == BASE_ROW or "." in adapter_name:
-            raise ValueError(f"{adapter_name!r} cannot name an adapter (reserved or contains '.').")
+        self._check_new_name(adapter_name)
         model = self.get_base_model()
         method = method_for(peft_config)
         config = method.resolve_config(model, self._complete_config(peft_config, model))
@@ -194,6 +205,13 @@ class PeftModel(nn.Module):
         ]
         self.peft_config[adapter_name] = config
         self._update_trainable()
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"An adapter named {adapter_name!r} exists already; delete_adapter it or pick another name."
+            )
 
     def _complete_config(self, config: PeftConfig, model: nn.Module) -> PeftConfig:
         """A copy of `config` with the task's trained heads and the base model's name filled in."""
@@ -619,15 +637,32 @@ class PeftModel(nn.Module):
         """Write each adapter as adapter_config.json + adapter_model.safetensors ("default" at the top level,
         others in a sub-folder named after them), the layout Hugging Face peft uses; several adapters also get
         an adapter_composition.json (their order and active set) for `from_composition`. In distributed runs
-        pass `is_main_process=False` on every rank but one: those write nothing."""
+        pass `is_main_process=False` on every rank but one: those write nothing. Nothing is written outside
+        `save_directory`: every adapter name is checked (`check_adapter_name`) before any file is written,
+        and a sub-folder that is a symbolic link leading out of it is refused."""
         if not is_main_process:
             return
         if not safe_serialization:
             raise ValueError("peftkit writes safetensors only; drop safe_serialization=False.")
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(
+                f"save_pretrained needs a directory (str or os.PathLike); got {save_directory!r}."
+            )
+        if not os.fspath(save_directory):
+            raise ValueError("save_pretrained needs a directory; got '' (use '.' for the current one).")
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
         names = list(selected_adapters or self.peft_config)
         self._check_names(names)
+        for name in names:
+            check_adapter_name(name)
+            target = outside(save_directory, adapter_directory(save_directory, name))
+            if target:
+                raise ValueError(
+                    f"save_pretrained({os.fspath(save_directory)!r}) would write adapter {name!r} to "
+                    f"{target!r}: its sub-folder is a symbolic link leading outside the directory. Remove "
+                    "the link, or save to another directory."
+                )
         for name in names:
             save_adapter(self, name, adapter_directory(save_directory, name))
         if len(names) > 1:
@@ -643,11 +678,15 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> None:
-        """Add an adapter saved by `save_pretrained` (peftkit or Hugging Face peft) under `adapter_name`."""
-        config, weights = _read_adapter(model_id, subfolder, None, is_trainable, allow_pickle)
+        """Add an adapter saved by `save_pretrained` (peftkit or Hugging Face peft) under `adapter_name`.
+
+        Every file is checked before the model changes; a file that does not fit leaves no part of the
+        adapter behind."""
+        self._check_new_name(adapter_name)
+        config, weights, source = _read_adapter(model_id, subfolder, None, is_trainable, allow_pickle)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            load_adapter_weights(self, adapter_name, weights)
+            load_adapter_weights(self, adapter_name, weights, source)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -667,13 +706,22 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Wrap `model` with the adapter saved in the folder `model_id` (or its `subfolder`); never downloads.
 
-        Loaded for inference (frozen) unless `is_trainable`; pickled weights only with `allow_pickle`."""
-        config, weights = _read_adapter(model_id, subfolder, config, is_trainable, allow_pickle)
+        Loaded for inference (frozen) unless `is_trainable`; pickled weights only with `allow_pickle`. A
+        refused load (see `serialization.read_weights` for what is refused) leaves `model` as it was."""
+        check_adapter_name(adapter_name)
+        config, weights, source = _read_adapter(model_id, subfolder, config, is_trainable, allow_pickle)
         model_class = cls
         if cls is PeftModel:
             model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-        peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        load_adapter_weights(peft_model, adapter_name, weights)
+        with _restored_on_failure(model):
+            peft_model = model_class(
+                model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+            )
+            try:
+                load_adapter_weights(peft_model, adapter_name, weights, source)
+            except Exception:
+                peft_model.delete_adapter(adapter_name)
+                raise
         return peft_model
 
     @classmethod
@@ -686,7 +734,10 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
     ) -> PeftModel:
         """Wrap `model` with every adapter `save_pretrained` wrote into the folder `model_id`, in their order,
-        with the adapters that were active then active again: the model computes what it did when saved."""
+        with the adapters that were active then active again: the model computes what it did when saved.
+        Adapter names read from adapter_composition.json are checked as `add_adapter` checks them; a refused
+        load leaves `model` as it was."""
+        check_folder(model_id)
         if os.path.isfile(os.path.join(model_id, CONFIG_NAME)) and not os.path.isfile(
             os.path.join(model_id, COMPOSITION_NAME)
         ):  # one adapter, saved at the top level
@@ -694,23 +745,29 @@ class PeftModel(nn.Module):
         else:
             composition = Composition.read(model_id)
         first, *others = composition.adapters
-        loaded = cls.from_pretrained(
-            model,
-            adapter_directory(model_id, first),
-            adapter_name=first,
-            is_trainable=is_trainable,
-            allow_pickle=allow_pickle,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-        )
-        for name in others:
-            loaded.load_adapter(
-                adapter_directory(model_id, name),
-                name,
+        with _restored_on_failure(model):
+            loaded = cls.from_pretrained(
+                model,
+                adapter_directory(model_id, first),
+                adapter_name=first,
                 is_trainable=is_trainable,
                 allow_pickle=allow_pickle,
                 autocast_adapter_dtype=autocast_adapter_dtype,
             )
-        loaded.set_adapter(list(composition.active) or [first])
+            try:
+                for name in others:
+                    loaded.load_adapter(
+                        adapter_directory(model_id, name),
+                        name,
+                        is_trainable=is_trainable,
+                        allow_pickle=allow_pickle,
+                        autocast_adapter_dtype=autocast_adapter_dtype,
+                    )
+                loaded.set_adapter(list(composition.active) or [first])
+            except Exception:
+                for name in reversed(list(loaded.peft_config)):
+                    loaded.delete_adapter(name)
+                raise
         return loaded
 
 
@@ -725,11 +782,24 @@ def _reasons(kept: dict[str, str]) -> str:
 
 def _read_adapter(
     model_id: str, subfolder: str | None, config: PeftConfig | None, is_trainable: bool, allow_pickle: bool
-) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
-    """The config (marked trainable or not) and weights of a saved adapter."""
+) -> tuple[PeftConfig, dict[str, torch.Tensor], str]:
+    """The config (marked trainable or not), weights and weights file of a saved adapter."""
     directory = os.path.join(model_id, subfolder) if subfolder else model_id
     config = dataclasses.replace(config or load_config(directory), inference_mode=not is_trainable)
-    return config, read_weights(directory, allow_pickle=allow_pickle)
+    weights = read_weights(directory, allow_pickle=allow_pickle)
+    return config, weights, weights_file(directory, allow_pickle)
+
+
+@contextlib.contextmanager
+def _restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """If the block raises, every parameter of `model` trains again as it did before (wrapping froze it)."""
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for param, flag in trainable:
+            param.requires_grad_(flag)
+        raise
 
 
 def _placement(base_layer: nn.Module, autocast_adapter_dtype: bool) -> dict[str, Any]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import warnings
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -34,6 +36,30 @@ def pytest_addoption(parser) -> None:
     parser.addoption(
         "--long", action="store_true", help="run the long cases: many more generated inputs and kill points"
     )
+
+
+# Generated inputs (tests/robustness): a fixed, derandomized set in CI, many more with `pytest --long`.
+for _profile, _examples in {"ci": 40, "long": 500}.items():
+    hypothesis.settings.register_profile(
+        _profile,
+        max_examples=_examples,
+        derandomize=True,
+        deadline=None,
+        suppress_health_check=[hypothesis.HealthCheck.too_slow],
+    )
+
+
+def pytest_configure(config) -> None:
+    hypothesis.settings.load_profile("long" if config.getoption("--long") else "ci")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The figures the robustness suite's probes counted (tests/robustness/probes.py), when it ran."""
+    probes = sys.modules.get("probes")
+    if probes is not None and (probes.FIGURES.inputs_tried or probes.FIGURES.kill_points_survived):
+        terminalreporter.section("peftkit robustness figures")
+        for line in probes.FIGURES.lines():
+            terminalreporter.write_line(line)
 
 
 @contextlib.contextmanager

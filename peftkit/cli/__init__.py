@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps")
     run.add_argument("--output", help="run folder (default runs/<model>-<method>)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    run.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state across the processes of torchrun or accelerate "
+        "launch (FSDP, 2+ processes); not available yet: refused with the reason",
+    )
 
     evaluate = commands.add_parser("eval", help="score a trained adapter on held-out or other data")
     evaluate.add_argument("--adapter", required=True, help="a folder written by peftkit train (or peft)")
@@ -137,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--depth", type=int, default=6, help="levels of the module tree to show")
     _method_options(inspect)
     for command in (train, evaluate, merge, inspect):
+        safety = command.add_argument_group("safety")
+        safety.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="let a local model folder run the Python code its config names (auto_map); off by default",
+        )
+        safety.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="read model weights stored only as pickle files (.bin); off by default, safetensors only",
+        )
         command.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     return parser
 

@@ -36,7 +36,9 @@ def read_run(adapter: Path) -> dict[str, Any]:
         return {"task": task}
     if (adapter / "config.json").is_file():
         return {}
-    raise FileNotFoundError(f"--adapter {str(adapter)!r} holds neither an adapter ({CONFIG_NAME}) nor a model.")
+    raise FileNotFoundError(
+        f"--adapter {str(adapter)!r} holds neither an adapter ({CONFIG_NAME}) nor a model (config.json)."
+    )
 
 
 def load_trained(
@@ -46,12 +48,14 @@ def load_trained(
     quantized as in training (QLoRA) where the run was and `quantized` allows."""
     adapter = Path(args.adapter)
     head_labels = labels if task == "classification" else None
+    trust = args.trust_remote_code
     if (adapter / CONFIG_NAME).is_file():
-        folder = model_folder(args.model or run.get("model") or _missing("--model"))
+        folder = model_folder(args.model or run.get("model") or _missing("--model"), trust, args.allow_pickle)
         bits = run.get("quantize") if quantized else None
-        base = load_model(folder, task, head_labels, run.get("seed", 0), bits)
-        return PeftModel.from_composition(base, str(adapter)), load_tokenizer(folder)
-    return load_model(adapter, task, head_labels), load_tokenizer(adapter)
+        base = load_model(folder, task, head_labels, run.get("seed", 0), bits, trust)
+        return PeftModel.from_composition(base, str(adapter)), load_tokenizer(folder, trust)
+    model_folder(str(adapter), trust, args.allow_pickle)
+    return load_model(adapter, task, head_labels, trust_remote_code=trust), load_tokenizer(adapter, trust)
 
 
 def _missing(flag: str) -> Any:
@@ -78,8 +82,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     if task is None:  # a whole model, or an adapter saved without a task type: ask the model
         adapter = Path(args.adapter)
         has_adapter = (adapter / CONFIG_NAME).is_file()
-        folder = model_folder(args.model or _missing("--model")) if has_adapter else adapter
-        task = "causal-lm" if is_causal_lm(folder) else "classification"
+        model = (args.model or _missing("--model")) if has_adapter else str(adapter)
+        folder = model_folder(model, args.trust_remote_code, args.allow_pickle)
+        task = "causal-lm" if is_causal_lm(folder, args.trust_remote_code) else "classification"
     labels = run.get("labels") or dataset.labels
     unknown = sorted({e.label for e in rows if e.label is not None} - set(labels))
     if unknown:
@@ -220,10 +225,11 @@ def linear_layers(model: nn.Module) -> list[str]:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    folder = model_folder(args.model)
-    task = args.task or ("causal-lm" if is_causal_lm(folder) else "classification")
+    trust = args.trust_remote_code
+    folder = model_folder(args.model, trust, args.allow_pickle)
+    task = args.task or ("causal-lm" if is_causal_lm(folder, trust) else "classification")
     labels = [str(i) for i in range(args.num_labels)]
-    model = load_model(folder, task, labels if task == "classification" else None)
+    model = load_model(folder, task, labels if task == "classification" else None, trust_remote_code=trust)
     print(f"{args.model} ({folder}), loaded for {task}")
     print("\n".join(brief_tree(model, max_depth=args.depth)))
     print("\nlinear layers by name (count, in → out):")

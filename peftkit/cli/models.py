@@ -4,6 +4,7 @@ transformers folder, loaded for classification or causal language modelling. Not
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -77,8 +78,13 @@ BUILTIN_MODELS = {"minilm": minilm, "smollm2": smollm2}
 DEMO_DEFAULTS = {"smollm2": {"max_steps": 150, "max_eval_examples": 300}}
 
 
-def model_folder(model: str) -> Path:
-    """The folder of a built-in model by name, or `model` itself when it is a local transformers folder."""
+CODE_NAMING_FILES = ("config.json", "tokenizer_config.json")  # their "auto_map" names code to import
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def model_folder(model: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """The folder of a built-in model by name, or `model` itself when it is a local transformers folder
+    whose loading runs no code from it (`check_folder`)."""
     if model in BUILTIN_MODELS:
         return BUILTIN_MODELS[model]()
     folder = Path(model)
@@ -87,32 +93,65 @@ def model_folder(model: str) -> Path:
             f"--model {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder with "
             "a transformers config.json. Models are never downloaded: pass a local folder."
         )
+    check_folder(folder, trust_remote_code, allow_pickle)
     return folder
 
 
-def is_causal_lm(folder: Path) -> bool:
+def check_folder(folder: Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    """Refuse a model folder that loading would run code from, unless the user opted in: Python files its
+    config names (`auto_map`; `--trust-remote-code`), or weights stored only as pickles (`--allow-pickle`;
+    transformers then reads them with `torch.load(weights_only=True)`)."""
+    for name in CODE_NAMING_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a JSON file ({error}); is the model folder complete?") from None
+        if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
+            raise ValueError(
+                f"{path} names custom code ({', '.join(config['auto_map'])} in auto_map), which loading the "
+                "model would run. peftkit runs no code from a model folder unless you pass "
+                "--trust-remote-code, for a folder whose code you have read."
+            )
+    weights = [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".gguf")]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not weights and not allow_pickle:
+        raise ValueError(
+            f"{folder} holds its weights only as pickle files ({', '.join(pickles)}), which can run code "
+            "when loaded. Convert them to safetensors, or pass --allow-pickle if you trust their source."
+        )
+
+
+def is_causal_lm(folder: Path, trust_remote_code: bool = False) -> bool:
     """Whether the folder holds a decoder-only language model (its architecture ends in ForCausalLM or
     LMHeadModel)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "is_encoder_decoder", False):
         return False
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, with a pad token (its end-of-sequence token where it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(
-    folder: Path, task: str, labels: list[str] | None = None, seed: int = 0, quantize_bits: int | None = None
+    folder: Path,
+    task: str,
+    labels: list[str] | None = None,
+    seed: int = 0,
+    quantize_bits: int | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """The pretrained model in float32 with the head `task` needs. A classification head is new, drawn
     from `seed`, so that reloading an adapter for it on another run rebuilds the same starting head.
@@ -120,8 +159,9 @@ def load_model(
     quantization, or int8: the QLoRA base."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    trust = {"trust_remote_code": trust_remote_code}
     if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **trust)
         model.config.use_cache = False
         return _quantized(model, quantize_bits)
     names = labels or []
@@ -132,9 +172,10 @@ def load_model(
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
+        **trust,
     )
     if model.config.pad_token_id is None:  # decoder classifiers pick the last non-pad token
-        model.config.pad_token_id = load_tokenizer(folder).pad_token_id
+        model.config.pad_token_id = load_tokenizer(folder, trust_remote_code).pad_token_id
     return _quantized(model, quantize_bits)
 
 

@@ -9,11 +9,16 @@ DDP (gloo on CPU): the global batch is `--batch-size` × processes × `--grad-ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
+import shutil
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from transformers import (
     ProgressCallback,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
@@ -36,12 +42,24 @@ from ..peft_model import PeftModel, get_peft_model
 from ..quantization import prepare_model_for_kbit_training
 from ..registry import METHODS, method_for
 from ..serialization import WEIGHTS_NAME, adapter_parameters, load_adapter_weights, read_weights
-from .data import Collator, Dataset, causal_lm_features, classification_features, load_dataset, split
+from .data import (
+    Collator,
+    Dataset,
+    causal_lm_features,
+    classification_features,
+    load_dataset,
+    require_classes,
+    split,
+)
 from .metrics import evaluate
 from .models import DEMO_DEFAULTS, is_causal_lm, load_model, load_tokenizer, model_folder
 
 RUN_FILE = "peftkit_run.json"
 TRAINING_STATE = "training_state.safetensors"
+TRAINER_FILE = "peftkit_trainer.json"  # in each checkpoint: the running total of the training loss
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+STAGING = ".partial"  # under checkpoints/: a checkpoint being written, renamed into place once whole
+OUTPUT_LOCK = ".peftkit.lock"
 MODEL_ADAPTER_STATE = "model_adapter_state:"  # key prefix of model adapters' running state in TRAINING_STATE
 METRICS_FILE = "metrics.json"
 FULL = "full"
@@ -50,8 +68,8 @@ METHOD_FLAGS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens")
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on a fault it cannot go past (a loss or gradient that is no longer finite); the
-    message names the step and what was kept."""
+    """Training stopped on a fault it cannot go past (a loss or gradient that is no longer finite, another
+    process of the run gone); the message names the step or process and what was kept."""
 
 
 def method_choices() -> dict[str, type[PeftConfig] | None]:
@@ -180,13 +198,94 @@ def infer_task(requested: str | None, dataset: Dataset, causal: bool) -> str:
 
 class AdapterTrainer(Trainer):
     """transformers' Trainer whose checkpoints hold the adapter (peft's files), not the base model, plus
-    TRAINING_STATE, which resuming loads: every trainable tensor as it is in training (diff pruning's files
-    hold the projected sparse diff, not the gated dense one) and the model adapters' running state
-    (AdaLoRA's importance scores)."""
+    TRAINING_STATE, which resuming loads: every trainable tensor as it is in training and the model
+    adapters' running state (AdaLoRA's importance scores).
+
+    It also guards the run: a step whose loss or gradient is not finite stops before its update, no
+    checkpoint or adapter of non-finite weights is written, and a checkpoint appears whole or not at all."""
 
     def __init__(self, *args: Any, learning_rates: dict[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.learning_rates = learning_rates or {}
+        self.loss_total = 0.0  # the sum of every optimizer step's loss, kept in checkpoints
+        self.staging: str | None = None
+
+    @property
+    def train_loss(self) -> float:
+        """The mean loss over every optimizer step of the run, resumed or not (the Trainer's own counts only
+        the steps of its last `train()` call); under DDP, the mean over the processes."""
+        total = torch.tensor(self.loss_total, dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            total /= torch.distributed.get_world_size()
+        return total.item() / max(self.state.global_step, 1)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        """The Trainer's step, stopped before the optimizer update when the loss or a gradient is not finite
+        (the Trainer would otherwise leave NaN out of its logs and go on), on every process at once."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        faults = torch.tensor([not torch.isfinite(loss).item(), False], dtype=torch.float32)
+        if grads:
+            faults[1] = not torch.isfinite(torch.nn.utils.get_total_norm(grads)).item()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(faults, op=torch.distributed.ReduceOp.MAX)
+        if faults.any():
+            what = f"the loss is {loss.item()}" if faults[0] else "a gradient is not finite"
+            raise self.stopped(f"at step {self.state.global_step + 1}, {what}", "before its update")
+        self.loss_total += loss.item()
+        return loss
+
+    def stopped(self, fault: str, when: str) -> TrainingStopped:
+        checkpoints = Path(self._get_output_dir(None))
+        kept = last_checkpoint(checkpoints, announce=False)
+        where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written yet"
+        return TrainingStopped(
+            f"Training stopped: {fault}. It stopped {when}; {where}. Lower --lr (it is "
+            f"{self.args.learning_rate:g}) and train again with another --output."
+        )
+
+    def check_finite_weights(self, when: str) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            fault = f"step {self.state.global_step} left weights that are not finite ({', '.join(bad[:3])})"
+            raise self.stopped(fault, when)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self.staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written into checkpoints/.partial and renamed into place once whole (a
+        kill mid-write leaves no checkpoint that `--resume` would pick), and never of non-finite weights;
+        then the oldest checkpoints beyond `save_total_limit` are moved aside and deleted."""
+        self.check_finite_weights("without writing a checkpoint of them")
+        run_dir = Path(super()._get_output_dir(trial))
+        staging, name = run_dir / STAGING, f"checkpoint-{self.state.global_step}"
+        self.staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                write_json(staging / name / TRAINER_FILE, {"loss_total": self.loss_total})
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OSError(
+                f"could not write {name} in {run_dir} ({' '.join(str(error).split())}); the checkpoints "
+                "before it are unchanged. Free some space and pass --resume to continue."
+            ) from error
+        finally:
+            self.staging = None
+        if torch.distributed.is_initialized():  # every process wrote its random state into the staging folder
+            torch.distributed.barrier()
+        if self.args.should_save:
+            if (run_dir / name).exists():  # an incomplete checkpoint of this step that resuming skipped
+                os.replace(run_dir / name, staging / f"{name}.replaced")
+            os.replace(staging / name, run_dir / name)
+            for old in checkpoint_folders(run_dir)[: -self.args.save_total_limit]:
+                os.replace(old, staging / old.name)
+            shutil.rmtree(staging)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, with one parameter group per adapter at its own learning rate when the
@@ -217,6 +316,9 @@ class AdapterTrainer(Trainer):
             save_file(state, os.path.join(output_dir, TRAINING_STATE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        tally = Path(resume_from_checkpoint) / TRAINER_FILE
+        if tally.is_file():
+            self.loss_total = json.loads(tally.read_text())["loss_total"]
         model = self.accelerator.unwrap_model(model or self.model)
         if not isinstance(model, PeftModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -264,8 +366,81 @@ class LossProgressBar(TrainerCallback):
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the bar's line (also when training stops on an error, before the error is printed)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+def checkpoint_folders(checkpoints: Path) -> list[Path]:
+    """The `checkpoint-<step>` folders in `checkpoints`, oldest first."""
+    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def is_whole_checkpoint(folder: Path) -> bool:
+    """Whether a checkpoint holds the Trainer's state (written last) and the weights to resume from."""
+    weights = (TRAINING_STATE, "model.safetensors")
+    return (folder / TRAINER_STATE).is_file() and any((folder / n).is_file() for n in weights)
+
+
+def last_checkpoint(checkpoints: Path, announce: bool = True) -> Path | None:
+    """The newest whole checkpoint in `checkpoints`, saying which incomplete ones it passes over (peftkit
+    renames a checkpoint into place once written; another tool's copy may lack files)."""
+    for folder in reversed(checkpoint_folders(checkpoints)):
+        if is_whole_checkpoint(folder):
+            return folder
+        if announce:
+            print(f"{folder} is incomplete (no {TRAINER_STATE} or weights); resuming from an earlier one")
+    return None
+
+
+def finished(checkpoint: Path, total_steps: int) -> bool:
+    """Whether a checkpoint was written after the run's last optimizer step."""
+    return json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"] >= total_steps
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the run folder for this run: another `peftkit train` into it is refused while this one lives.
+    The lock is the operating system's (flock on OUTPUT_LOCK), so a killed run never leaves it held."""
+    import fcntl
+
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / OUTPUT_LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(
+                f"--output {output} is in use by another peftkit train ({holder}). Wait for it to end, or "
+                "pass another --output."
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            if created and [p.name for p in output.iterdir()] == [OUTPUT_LOCK]:  # refused before writing
+                shutil.rmtree(output)
+
+
+def remove_leftovers(output: Path) -> None:
+    """Delete what an interrupted run left half-written: a checkpoint being staged, and the temporary files
+    of writes that never reached their rename (`atomic_write`)."""
+    staging = output / "checkpoints" / STAGING
+    if staging.exists():
+        print(f"removing {staging}, a checkpoint an interrupted run did not finish")
+        shutil.rmtree(staging)
+    for partial in [*output.glob("*.tmp"), *output.glob("*/*.tmp")]:
+        partial.unlink()
 
 
 def folder_size(folder: Path, names: list[str]) -> int:
@@ -280,6 +455,32 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" if k != "perplexity" else f"{k} {v:.2f}" for k, v in metrics.items())
 
 
+def refuse_fsdp() -> None:
+    """`--fsdp` is refused with the reason it cannot run (tests/cli/test_fsdp.py pins that reason)."""
+    raise ValueError(
+        "--fsdp is not available: transformers' Trainer shards a model only on GPU-type devices (accelerate "
+        f"{importlib.metadata.version('accelerate')} turns FSDP on for CUDA, XPU, NPU and the like; on CPU "
+        "processes it trains DDP instead, and `accelerate launch --cpu` with an FSDP config starts one "
+        "process), and peftkit does not gather sharded adapter tensors to save them. Leave out --fsdp: under "
+        "torchrun every process holds the whole model and DDP splits each batch across them."
+    )
+
+
+def lost_peer(error: RuntimeError, checkpoints: Path) -> TrainingStopped | None:
+    """The stop to report when a collective fails because another process of the run is gone (killed, out of
+    memory, its machine lost): gloo's "Connection reset by peer", NCCL's DistBackendError; else None."""
+    text = str(error)
+    if not isinstance(error, torch.distributed.DistError) and "gloo" not in text:
+        return None
+    reason = text.split("] ", 1)[-1].split(". ", 1)[0]  # gloo: "[file:line] Read error ...: Connection ..."
+    kept = last_checkpoint(checkpoints, announce=False)
+    where = f"The last checkpoint is {kept}" if kept else "No checkpoint was written yet"
+    return TrainingStopped(
+        f"Process {os.environ.get('RANK', '0')} lost another process of this run ({reason}); the launcher's "
+        f"summary names which one stopped and how. {where}: run the same command with --resume to continue."
+    )
+
+
 def apply_demo_defaults(args: argparse.Namespace, announce: bool) -> None:
     """A built-in model's run length (DEMO_DEFAULTS) for the options the user left unset."""
     chosen = {k: v for k, v in DEMO_DEFAULTS.get(args.model, {}).items() if getattr(args, k) is None}
@@ -291,43 +492,62 @@ def apply_demo_defaults(args: argparse.Namespace, announce: bool) -> None:
 
 
 def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, Any]:
-    """Run `peftkit train`; returns what it writes to metrics.json. `callbacks` are extra TrainerCallbacks."""
+    """Run `peftkit train`; returns what it writes to metrics.json. `callbacks` are extra TrainerCallbacks.
+
+    The main process holds the run folder (`output_lock`) from start to end."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(Path(args.output)) if main_process else contextlib.nullcontext():
+        return _train(args, callbacks, main_process)
+
+
+def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool) -> dict[str, Any]:
     started = time.perf_counter()
     output = Path(args.output)
     checkpoints = output / "checkpoints"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    if args.resume and not any(checkpoints.glob("checkpoint-*")):
-        raise ValueError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume.")
-    if not args.resume and any(checkpoints.glob("checkpoint-*")):
+    if args.fsdp:
+        refuse_fsdp()
+    if main_process:
+        remove_leftovers(output)
+    resume_from = last_checkpoint(checkpoints, announce=main_process) if args.resume else None
+    if args.resume and resume_from is None:
+        if not (output / METRICS_FILE).is_file():
+            raise ValueError(f"--resume: no checkpoint in {checkpoints}; start the run without --resume.")
+        if main_process:
+            print(f"no checkpoint in {checkpoints} yet: the run starts from the beginning")
+    if not args.resume and checkpoint_folders(checkpoints):
         raise ValueError(
             f"{output} already holds a run's checkpoints. Pass --resume to continue it, or another --output."
         )
 
     apply_demo_defaults(args, announce=main_process)
-    folder = model_folder(args.model)
+    folder = model_folder(args.model, args.trust_remote_code, args.allow_pickle)
+    trust = args.trust_remote_code
     dataset = load_dataset(
         args.data, args.text_column, args.label_column, args.prompt_column, args.response_column
     )
-    task = infer_task(args.task, dataset, is_causal_lm(folder))
+    task = infer_task(args.task, dataset, is_causal_lm(folder, trust))
+    require_classes(dataset, task)
     train_rows, test_rows = split(dataset.examples, args.test_fraction, args.seed)
     train_rows = train_rows[: args.max_train_examples]
     test_rows = test_rows[: args.max_eval_examples]
     labels = dataset.labels
     template = args.prompt_template or dataset.prompt_template
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust)
     if task == "classification":
         features = classification_features(train_rows, tokenizer, labels, args.max_length)
     else:
         features = causal_lm_features(train_rows, tokenizer, template, args.max_length)
 
     global_batch = args.batch_size * world * args.grad_accum
-    steps_per_epoch = max(1, math.ceil(len(features) / (args.batch_size * world)) // args.grad_accum)
+    batches = math.ceil(len(features) / (args.batch_size * world))  # per process and epoch
+    steps_per_epoch = max(1, math.ceil(batches / args.grad_accum))  # as the Trainer counts them
     max_steps = args.max_steps or -1  # -1: the Trainer counts steps from --epochs
     total_steps = max_steps if max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
 
     set_seed(args.seed)
-    model = load_model(folder, task, labels if task == "classification" else None, args.seed, args.quantize)
+    head_labels = labels if task == "classification" else None
+    model = load_model(folder, task, head_labels, args.seed, args.quantize, trust)
     if args.quantize:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     elif args.gradient_checkpointing:
@@ -367,7 +587,7 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
         "quantize": args.quantize,
     }
     metrics_path = output / METRICS_FILE
-    previous = json.loads(metrics_path.read_text()) if args.resume and metrics_path.is_file() else {}
+    previous = json.loads(metrics_path.read_text()) if resume_from and metrics_path.is_file() else {}
     if main_process:
         rows = f"{len(train_rows)} training and {len(test_rows)} held-out rows"
         print(f"{args.method} on {args.model} ({task}), {rows}")
@@ -417,7 +637,7 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
         args=training_args,
         train_dataset=features,
         data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=[LossProgressBar(), *extra, *(callbacks or [])],
+        callbacks=[progress := LossProgressBar(), *extra, *(callbacks or [])],
     )
     for unwanted in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(unwanted)
@@ -425,7 +645,21 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
     # the loss by the number of processes. Causal LM losses divide by it; a classifier's mean loss ignores
     # it, so there the scaling would double the gradient on 2 processes (and change clipping).
     trainer.model_accepts_loss_kwargs = task == "causal-lm"
-    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    try:
+        if resume_from and finished(resume_from, total_steps):  # the Trainer would train one step too many
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except RuntimeError as error:
+        stop = lost_peer(error, checkpoints) if world > 1 else None
+        if stop is None:
+            raise
+        raise stop from error
+    finally:
+        progress.close()
+    trainer.check_finite_weights("without saving them")
+    train_loss = trainer.train_loss
 
     try:
         if not main_process:
@@ -453,7 +687,7 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
             "trainable_parameters": trainable,
             "total_parameters": total,
             "optimizer_steps": trainer.state.global_step,
-            "train_loss": result.training_loss,
+            "train_loss": train_loss,
             "saved_bytes": size,
             "train_rows": len(train_rows),
             "held_out_rows": len(test_rows),

@@ -28,7 +28,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftConfig, check_choice, method_config
+from ..config import (
+    BOOLEAN,
+    LAYER_SELECTION,
+    Domain,
+    PeftConfig,
+    integer,
+    method_config,
+    number,
+    one_of,
+    optional,
+)
 from ..layer import LayerAdapter, ModelAdapter
 from ..registry import Method, register_method
 from ..targeting import is_linear, model_type
@@ -94,6 +104,28 @@ class AdaLoraConfig(PeftConfig):
         "dropout": "lora_dropout",
     }
 
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **PeftConfig.field_domains,
+        **LAYER_SELECTION,
+        "lora_alpha": number(above=0, note="the update is scaled by lora_alpha / init_r"),
+        "lora_dropout": number(at_least=0, below=1),
+        "fan_in_fan_out": BOOLEAN,
+        "bias": one_of(["none", "all", "lora_only"]),
+        "init_lora_weights": one_of([True, False]),
+        "target_r": integer(0, "the average rank per layer that allocation ends at"),
+        "init_r": integer(1, "each layer's rank before allocation"),
+        "tinit": integer(0, "steps before the budget starts to shrink"),
+        "tfinal": integer(0, "steps at the end with the final budget"),
+        "deltaT": integer(1, "steps between allocations"),
+        "beta1": number(above=0, below=1, note="the smoothing of the importance scores"),
+        "beta2": number(above=0, below=1, note="the smoothing of their uncertainty"),
+        "orth_reg_weight": number(at_least=0),
+        "total_step": optional(integer(1, "the number of optimizer steps training takes")),
+        "rank_pattern": Domain(
+            "a dict from '<module>.lora_E' to init_r booleans", lambda v: v is None or isinstance(v, dict)
+        ),
+    }
+
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     lora_alpha: float = 8
@@ -124,14 +156,6 @@ class AdaLoraConfig(PeftConfig):
                 "transformers' Trainer: max_steps, or epochs × steps per epoch); the rank budget shrinks "
                 "from step tinit to step total_step - tfinal."
             )
-        for name, low in [("init_r", 1), ("target_r", 0), ("total_step", 1), ("tinit", 0), ("tfinal", 0)]:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"AdaLoraConfig: {name} must be an integer >= {low}, got {value!r}.")
-        if not isinstance(self.deltaT, int) or self.deltaT < 1:
-            raise ValueError(
-                f"AdaLoraConfig: deltaT (steps between allocations) must be >= 1, got {self.deltaT!r}."
-            )
         if self.target_r > self.init_r:
             raise ValueError(
                 f"AdaLoraConfig: target_r={self.target_r} exceeds init_r={self.init_r}; AdaLoRA only prunes "
@@ -143,23 +167,10 @@ class AdaLoraConfig(PeftConfig):
                 f"total_step={self.total_step} steps (need tinit + tfinal < total_step). Lower tinit or "
                 "tfinal, or raise total_step."
             )
-        for name in ("beta1", "beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"AdaLoraConfig: {name} must be in (0, 1), got {getattr(self, name)!r}.")
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"AdaLoraConfig: orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}.")
-        if self.lora_alpha <= 0:
-            raise ValueError(
-                f"AdaLoraConfig: lora_alpha must be positive (the update is scaled by lora_alpha / init_r), "
-                f"got {self.lora_alpha!r}."
-            )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"AdaLoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        check_choice("AdaLoraConfig", "bias", self.bias, ["none", "all", "lora_only"])
-        check_choice("AdaLoraConfig", "init_lora_weights", self.init_lora_weights, [True, False])
         for key, kept in (self.rank_pattern or {}).items():
             if (
-                not re.fullmatch(r".+\.lora_E", key)
+                not isinstance(key, str)
+                or not re.fullmatch(r".+\.lora_E", key)
                 or not isinstance(kept, list)
                 or len(kept) != self.init_r
                 or not all(isinstance(k, bool) for k in kept)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftConfig, method_config
+from ..config import LAYER_SELECTION, Domain, PeftConfig, method_config
 from ..layer import LayerAdapter
 from ..registry import Method, register_method
 
@@ -24,6 +24,7 @@ class BitFitConfig(PeftConfig):
 
     peft_type: ClassVar[str] = "BITFIT"
     default_learning_rate: ClassVar[float] = 1e-3
+    field_domains: ClassVar[dict[str, Domain]] = {**PeftConfig.field_domains, **LAYER_SELECTION}
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftConfig, check_choice, method_config
+from ..config import BOOLEAN, LAYER_SELECTION, Domain, PeftConfig, integer, method_config, number, one_of
 from ..layer import LayerAdapter, NotMergeableError, TunedLayer
 from ..registry import Method, register_method
 from ..targeting import is_linear
@@ -85,6 +85,16 @@ class AdapterConfig(PeftConfig):
         "dropout": "adapter_dropout",
         "scale": "scaling",
     }
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **PeftConfig.field_domains,
+        **LAYER_SELECTION,
+        "adapter_size": integer(1, "the bottleneck width"),
+        "adapter_act": one_of(list(ACTIVATIONS)),
+        "adapter_dropout": number(at_least=0, below=1),
+        "parallel": BOOLEAN,
+        "scaling": number(),
+        "style": one_of(STYLES),
+    }
 
     adapter_size: int = 64
     adapter_act: str = "relu"
@@ -101,25 +111,6 @@ class AdapterConfig(PeftConfig):
         super().__post_init__()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        size = self.adapter_size
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise ValueError(
-                "AdapterConfig: adapter_size must be a positive integer (the bottleneck width), "
-                f"got {size!r}."
-            )
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ValueError(
-                f"AdapterConfig: adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}."
-            )
-        if not isinstance(self.parallel, bool):
-            raise ValueError(
-                f"AdapterConfig: parallel must be True or False, got {self.parallel!r} "
-                "(False: serial, h + s·U f(D h); True: parallel, h + s·U f(D x))."
-            )
-        if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool):
-            raise ValueError(f"AdapterConfig: scaling must be a number, got {self.scaling!r}.")
-        check_choice("AdapterConfig", "adapter_act", self.adapter_act, list(ACTIVATIONS))
-        check_choice("AdapterConfig", "style", self.style, STYLES)
 
 
 BottleneckConfig = AdapterConfig

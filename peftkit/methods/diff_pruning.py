@@ -11,20 +11,21 @@ per-weight hard-concrete gate z (Louizos, Welling & Kingma, 2018) that the expec
 At the end of training `model.finalize_diff_pruning()` projects each layer's gated diff z ⊙ δ onto the L0
 ball: it keeps the round(density · numel) entries of largest magnitude and drops gates and dense tensors.
 From then on h = (W + δ_sparse) x + b; the kept values stay trainable (the paper's fixed-mask fine-tuning),
-merging adds δ_sparse into W, and the adapter file holds only the kept positions and values.
+merging adds δ_sparse into W, and the adapter file holds only the kept positions and values. Saved before
+that (a checkpoint of training in progress), the file holds δ and log α themselves, dense: it loads as the
+gated adapter it was, computing the same outputs and projecting to the same sparse diff when finalized.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, method_config
+from ..config import LAYER_SELECTION, Domain, PeftConfig, method_config, number
 from ..layer import LayerAdapter, ModelAdapter, NotMergeableError
 from ..registry import Method, register_method
 from ..targeting import ALL_LINEAR, is_linear
@@ -66,6 +67,16 @@ class DiffPruningConfig(PeftConfig):
         "concrete_upper": "gate_stretch_high",
         "alpha_init": "gate_init_log_alpha",
     }
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **PeftConfig.field_domains,
+        **LAYER_SELECTION,
+        "density": number(above=0, at_most=1, note="e.g. 0.005 for 0.5%"),
+        "l0_penalty": number(at_least=0, note="0 turns the penalty off"),
+        "gate_temperature": number(above=0, note="e.g. 1.0, or 2/3 as in Louizos et al."),
+        "gate_stretch_low": number(below=0, note="e.g. -1.5"),
+        "gate_stretch_high": number(above=1, note="e.g. 1.5"),
+        "gate_init_log_alpha": number(note="e.g. 5"),
+    }
 
     density: float = 0.005
     target_modules: list[str] | str | None = ALL_LINEAR
@@ -82,31 +93,13 @@ class DiffPruningConfig(PeftConfig):
         super().__post_init__()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        checks = {
-            "density": (0 < _number(self.density) <= 1, "in (0, 1], e.g. 0.005 for 0.5%"),
-            "l0_penalty": (_number(self.l0_penalty) >= 0, ">= 0 (0 turns the penalty off)"),
-            "gate_temperature": (_number(self.gate_temperature) > 0, "> 0"),
-            "gate_stretch_low": (_number(self.gate_stretch_low) < 0, "< 0, e.g. -1.5"),
-            "gate_stretch_high": (_number(self.gate_stretch_high) > 1, "> 1, e.g. 1.5"),
-            "gate_init_log_alpha": (math.isfinite(_number(self.gate_init_log_alpha)), "finite, e.g. 5"),
-        }
-        for option, (ok, expected) in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"DiffPruningConfig: {option} must be {expected}; got {getattr(self, option)!r}."
-                )
-
-
-def _number(value: Any) -> float:
-    """A config value as a float, NaN for anything that is not a real number (so every check fails)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 class DiffPruningLinear(LayerAdapter):
     """One weight's diff, in the base weight's own layout (Conv1D stores it (in, out)).
 
     While training: `diff_weight` δ and `gate_log_alpha` log α, both dense, h = (W + z ⊙ δ) x + b.
-    After `project()` or loading: `diff_indices` (flat positions in W) and `diff_values`,
+    After `project()` or loading a finalized file: `diff_indices` (flat positions in W) and `diff_values`,
     h = (W + δ_sparse) x + b.
     """
 
@@ -182,6 +175,15 @@ class DiffPruningLinear(LayerAdapter):
         self.diff_values = nn.Parameter(values, requires_grad=requires_grad)
         self.projected = True
 
+    def hold_gated(self, diff: torch.Tensor, log_alpha: torch.Tensor, requires_grad: bool) -> None:
+        """Keep the diff as the dense δ and log α of training, dropping a sparse diff."""
+        for name in ("diff_indices", "diff_values"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.diff_weight = nn.Parameter(diff, requires_grad=requires_grad)
+        self.gate_log_alpha = nn.Parameter(log_alpha, requires_grad=requires_grad)
+        self.projected = False
+
     # ---- merging -----------------------------------------------------------------------------------
 
     def merge(self, base_layer: nn.Module) -> None:
@@ -202,30 +204,45 @@ class DiffPruningLinear(LayerAdapter):
     # ---- the adapter file --------------------------------------------------------------------------
 
     def saved_state(self) -> dict[str, torch.Tensor]:
-        """`diff_indices` (int64 flat positions in W's layout) and `diff_values`. Saving before
-        `finalize_diff_pruning()` writes the projection of a copy and leaves this adapter as it is."""
+        """What the layer holds: `diff_indices` (int64 flat positions in W's layout) and `diff_values` once
+        finalized; before, `diff_weight` δ and `gate_log_alpha` log α, dense in W's layout, so that a
+        checkpoint saved in training loads as the gated adapter it is (projecting a copy would load as an
+        adapter computing something else)."""
         if self.projected:
             return {"diff_indices": self.diff_indices, "diff_values": self.diff_values}
-        warnings.warn(
-            "Saving a diff-pruning adapter before model.finalize_diff_pruning(): the file holds the diff "
-            "projected to the target density, while the model in memory keeps its dense gated diff (and its "
-            "outputs differ from the saved adapter's until you finalize).",
-            stacklevel=2,
-        )
-        indices, values = self.projection()
-        return {"diff_indices": indices, "diff_values": values}
+        return {"diff_weight": self.diff_weight, "gate_log_alpha": self.gate_log_alpha}
 
     def load_saved(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Check the stored positions and values against this layer, then hold them as the sparse diff."""
-        if set(tensors) != {"diff_indices", "diff_values"}:
+        """Check the stored diff (sparse, or dense and gated) against this layer, then hold it."""
+        like = self.diff_values if self.projected else self.diff_weight
+        forms = {"diff_indices", "diff_values"}, {"diff_weight", "gate_log_alpha"}
+        if set(tensors) not in forms:
             raise ValueError(
-                f"{where}: a diff-pruning layer is stored as diff_indices and diff_values; the file has "
-                f"{sorted(tensors)}. Load it onto the base model it was trained on, with the "
-                "adapter_config.json saved beside it."
+                f"{where}: a diff-pruning layer is stored as diff_indices and diff_values (finalized) or as "
+                f"diff_weight and gate_log_alpha (in training); the file has {sorted(tensors)}. Load it onto "
+                "the base model it was trained on, with the adapter_config.json saved beside it."
             )
+        values_in_file = {k: t for k, t in tensors.items() if k != "diff_indices"}
+        not_float = [k for k, t in sorted(values_in_file.items()) if not t.is_floating_point()]
+        if not_float:
+            raise ValueError(
+                f"{where}{not_float[0]} holds {tensors[not_float[0]].dtype} values in the file; diff-pruning "
+                "values are floating point (float32, float16 or bfloat16)."
+            )
+        if "diff_weight" in tensors:
+            wrong = [(k, tuple(t.shape)) for k, t in sorted(tensors.items()) if t.shape != self.weight_shape]
+            if wrong:
+                raise ValueError(
+                    f"{where}{wrong[0][0]} has shape {wrong[0][1]} in the file, but this layer's weight is "
+                    f"{self.weight_shape}. The base model differs from the one the adapter was saved with."
+                )
+            placed = {k: t.to(device=like.device, dtype=like.dtype) for k, t in tensors.items()}
+            self.hold_gated(placed["diff_weight"], placed["gate_log_alpha"], requires_grad=like.requires_grad)
+            return
         indices, values = tensors["diff_indices"], tensors["diff_values"]
         shapes = (tuple(indices.shape), tuple(values.shape))
-        if shapes != ((self.kept,), (self.kept,)) or indices.is_floating_point():
+        integer = not indices.is_floating_point() and not indices.is_complex() and indices.dtype != torch.bool
+        if shapes != ((self.kept,), (self.kept,)) or not integer:
             raise ValueError(
                 f"{where}diff_indices / diff_values have shapes {shapes[0]} / {shapes[1]} "
                 f"({indices.dtype} indices) in the file, but density={self.density} keeps {self.kept} "
@@ -238,7 +255,6 @@ class DiffPruningLinear(LayerAdapter):
             raise ValueError(
                 f"{where}diff_indices must be distinct positions in [0, {self.numel}); the file's are not."
             )
-        like = self.diff_values if self.projected else self.diff_weight
         values = values.to(device=like.device, dtype=like.dtype)
         self.hold_sparse(indices.to(like.device), values, requires_grad=like.requires_grad)
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import PeftConfig, method_config
+from ..config import BOOLEAN, MODULE_NAMES, TARGET_MODULES, Domain, PeftConfig, method_config, optional
 from ..layer import LayerAdapter
 from ..merging import WeightedMerge
 from ..registry import Method, register_method
@@ -77,6 +77,14 @@ class IA3Config(PeftConfig):
 
     peft_type: ClassVar[str] = "IA3"
     default_learning_rate: ClassVar[float] = 3e-3
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **PeftConfig.field_domains,
+        "target_modules": optional(TARGET_MODULES),
+        "exclude_modules": optional(MODULE_NAMES),
+        "feedforward_modules": optional(MODULE_NAMES),
+        "fan_in_fan_out": BOOLEAN,
+        "init_ia3_weights": BOOLEAN,
+    }
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -19,12 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, check_choice, method_config
-from ..layer import LayerAdapter, is_adapter_parameter
+from ..config import (
+    BOOLEAN,
+    LAYER_SELECTION,
+    Domain,
+    PeftConfig,
+    integer,
+    method_config,
+    number,
+    one_of,
+    pattern_map,
+)
+from ..layer import LayerAdapter, TunedLayer, is_adapter_parameter
 from ..merging import WeightedMerge, combine, svd_factors
 from ..quantization import dequantized_weight, guard_cpu_packing, is_quantized_linear, replace_weight
 from ..registry import Method, register_method
-from ..targeting import is_linear, model_type, pattern_value, target_union
+from ..targeting import find_targets, is_linear, model_type, pattern_value, target_union
 
 # Hugging Face peft's defaults for configs without target_modules, by transformers `model_type`.
 DEFAULT_TARGETS = {
@@ -54,6 +64,9 @@ DEFAULT_TARGETS = {
 }
 
 INITS = [True, False, "gaussian", "pissa", "olora"]
+# The initialisations that take B A from the base weight's singular vectors (and divide them by the scale).
+SVD_INITS = re.compile(r"pissa(_niter_\d+)?")
+RANK = integer(1, "the adapter's rank")
 
 
 @method_config
@@ -98,6 +111,26 @@ class LoraConfig(PeftConfig):
         "qalora_group_size",
     }
     option_aliases: ClassVar[dict[str, str]] = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **PeftConfig.field_domains,
+        **LAYER_SELECTION,
+        "r": RANK,
+        "lora_alpha": number(),
+        "lora_dropout": number(at_least=0, below=1),
+        "fan_in_fan_out": BOOLEAN,
+        "bias": one_of(["none", "all", "lora_only"]),
+        "use_rslora": BOOLEAN,
+        "init_lora_weights": Domain(
+            f"one of {INITS} or 'pissa_niter_<n>'",
+            lambda v: (
+                isinstance(v, bool) or (isinstance(v, str) and (v in INITS or bool(SVD_INITS.fullmatch(v))))
+            ),
+            "{field}={value!r} is not available in peftkit; use {expected}.",
+        ),
+        "rank_pattern": pattern_map(RANK),
+        "alpha_pattern": pattern_map(number()),
+        "use_dora": BOOLEAN,
+    }
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -120,21 +153,19 @@ class LoraConfig(PeftConfig):
         self.alpha_pattern = dict(self.alpha_pattern or {})
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        ranks = [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]
-        for where, rank in ranks:
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise ValueError(
-                    f"LoraConfig: {where} must be a positive integer (the adapter's rank), got {rank!r}."
-                )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        check_choice("LoraConfig", "bias", self.bias, ["none", "all", "lora_only"])
         init = self.init_lora_weights
-        if not (init in INITS or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
-            raise ValueError(
-                f"LoraConfig: init_lora_weights={init!r} is not available in peftkit; use one of {INITS} "
-                "or 'pissa_niter_<n>'."
-            )
+        if isinstance(init, str) and SVD_INITS.fullmatch(init):
+            alphas = [
+                ("lora_alpha", self.lora_alpha),
+                *((f"alpha_pattern[{k!r}]", a) for k, a in self.alpha_pattern.items()),
+            ]
+            for where, alpha in alphas:
+                if alpha <= 0:
+                    raise ValueError(
+                        f"LoraConfig: init_lora_weights={init!r} divides the base weight's singular values "
+                        f"by the scale {where} / r, so {where} must be > 0, got {alpha!r}. Use a positive "
+                        "one, or another init_lora_weights."
+                    )
 
 
 def lora_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]:
@@ -786,6 +817,30 @@ class DoraConv2d(DoraMagnitude, LoraConv2d):
         return base_out + update.to(base_out.dtype)
 
 
+def _check_factor_ranks(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """PiSSA and OLoRA take r factors of each target's weight, which has min(out, in) of them: refuse a
+    larger r before any weight is changed."""
+    for name in targets:
+        layer = model.get_submodule(name)
+        layer = layer.base_layer if isinstance(layer, TunedLayer) else layer
+        if not is_linear(layer):
+            continue
+        out_features, in_features = (
+            (layer.out_features, layer.in_features)
+            if isinstance(layer, nn.Linear)
+            else weight_out_in(layer).shape
+        )
+        r, most = lora_scaling(config, name)[0], min(out_features, in_features)
+        if r > most:
+            init = config.init_lora_weights
+            raise ValueError(
+                f"LoraConfig: init_lora_weights={init!r} takes r factors of each target's weight (its top "
+                f"singular vectors; OLoRA: its QR factors), but {name!r} has a "
+                f"{out_features}×{in_features} weight, so at most {most}, and r={r}. "
+                "Lower r (or its rank_pattern entry), or use init_lora_weights=True."
+            )
+
+
 @register_method
 class Lora(Method):
     config_class = LoraConfig
@@ -797,6 +852,8 @@ class Lora(Method):
     def resolve_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
         if config.target_modules is None:  # Hugging Face peft's default for the architecture, if it has one
             config.target_modules = DEFAULT_TARGETS.get(model_type(model))
+        if config.init_lora_weights == "olora" or SVD_INITS.fullmatch(str(config.init_lora_weights)):
+            _check_factor_ranks(model, config, find_targets(model, config, self.supports))
         return config
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: LoraConfig) -> LayerAdapter:

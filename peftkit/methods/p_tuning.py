@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import check_choice, method_config
+from ..config import Domain, integer, method_config, number, one_of, optional
 from ..layer import ModelAdapter, copy_strict
 from ..registry import Method, register_method
 from .prompt_tuning import VirtualTokenConfig, VirtualTokens, complete_prompt_config
@@ -45,6 +45,13 @@ class PromptEncoderConfig(VirtualTokenConfig):
 
     peft_type: ClassVar[str] = "P_TUNING"
     default_learning_rate: ClassVar[float] = 3e-3
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **VirtualTokenConfig.field_domains,
+        "encoder_reparameterization_type": one_of([t.value for t in PromptEncoderReparameterizationType]),
+        "encoder_hidden_size": optional(integer(1)),
+        "encoder_num_layers": integer(1),
+        "encoder_dropout": number(at_least=0, below=1),
+    }
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None
@@ -60,21 +67,6 @@ class PromptEncoderConfig(VirtualTokenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        name = type(self).__name__
-        for option in ("num_virtual_tokens", "encoder_num_layers", "encoder_hidden_size"):
-            value = getattr(self, option)
-            if (value is not None or option == "num_virtual_tokens") and (
-                not isinstance(value, int) or value <= 0
-            ):
-                raise ValueError(f"{name}: {option} must be a positive integer, got {value!r}.")
-        if not 0 <= self.encoder_dropout < 1:
-            raise ValueError(f"{name}: encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
-        check_choice(
-            name,
-            "encoder_reparameterization_type",
-            str(getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)),
-            [t.value for t in PromptEncoderReparameterizationType],
-        )
         self.encoder_reparameterization_type = PromptEncoderReparameterizationType(
             self.encoder_reparameterization_type
         )

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import TaskType, check_choice, method_config
+from ..config import BOOLEAN, Domain, TaskType, integer, method_config, one_of, optional
 from ..layer import ModelAdapter, copy_strict
 from ..registry import Method, register_method
 from .prompt_tuning import VirtualTokenConfig
@@ -37,6 +37,13 @@ class PrefixTuningConfig(VirtualTokenConfig):
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     default_learning_rate: ClassVar[float] = 1e-2
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **VirtualTokenConfig.field_domains,
+        "num_transformer_submodules": one_of([None, 1, 2], "2 for encoder-decoder models, else 1"),
+        "init_weights": one_of([None, "zero"]),
+        "encoder_hidden_size": optional(integer(1, "the width of the prefix_projection MLP")),
+        "prefix_projection": BOOLEAN,
+    }
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None
@@ -46,18 +53,6 @@ class PrefixTuningConfig(VirtualTokenConfig):
     init_weights: str | None = None
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ValueError(
-                "PrefixTuningConfig: num_virtual_tokens must be a positive integer, "
-                f"got {self.num_virtual_tokens!r}."
-            )
-        check_choice("PrefixTuningConfig", "init_weights", self.init_weights, [None, "zero"])
-        check_choice(
-            "PrefixTuningConfig", "num_transformer_submodules", self.num_transformer_submodules, [None, 1, 2]
-        )
 
 
 class PrefixEncoder(ModelAdapter):
@@ -182,27 +177,33 @@ def _rows(inputs: dict[str, Any]) -> torch.Tensor:
 
 def _fill_dimensions(model: nn.Module, config: PrefixTuningConfig) -> None:
     """token_dim, num_layers, num_attention_heads (key/value heads under GQA), encoder_hidden_size and
-    num_transformer_submodules read off the model where the config leaves them None, as peft does."""
+    num_transformer_submodules read off the model where the config leaves them None, as peft does; values
+    the config sets must give the cache the model keeps (layers, heads, head width)."""
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
 
-    def first(option: str, *names: str) -> int:
-        value = next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
-        if value is None:
-            raise ValueError(
-                f"PrefixTuningConfig: cannot read {option} from {type(model).__name__}'s config "
-                f"(looked for {', '.join(names)}); set {option} in the config."
-            )
-        return value
+    def read(*names: str) -> int | None:
+        return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
 
-    if config.num_layers is None:
-        config.num_layers = first("num_layers", "num_hidden_layers", "num_layers", "n_layer")
-    if config.token_dim is None:
-        config.token_dim = first("token_dim", "hidden_size", "n_embd", "d_model")
-    if config.num_attention_heads is None:
-        config.num_attention_heads = first(
-            "num_attention_heads", "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"
+    names = {
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
+    own = {option: read(*looked_for) for option, looked_for in names.items()}  # the model's, None if unknown
+    for option, looked_for in names.items():
+        if getattr(config, option) is None:
+            if own[option] is None:
+                raise ValueError(
+                    f"PrefixTuningConfig: cannot read {option} from {type(model).__name__}'s config "
+                    f"(looked for {', '.join(looked_for)}); set {option} in the config."
+                )
+            setattr(config, option, own[option])
+    if config.token_dim % config.num_attention_heads:
+        raise ValueError(
+            f"PrefixTuningConfig: token_dim={config.token_dim} is not a multiple of "
+            f"num_attention_heads={config.num_attention_heads}."
         )
     kv_heads = getattr(cfg, "num_key_value_heads", None)
     if kv_heads is not None:  # grouped-query attention caches only the key/value heads
@@ -212,10 +213,30 @@ def _fill_dimensions(model: nn.Module, config: PrefixTuningConfig) -> None:
         config.encoder_hidden_size = config.token_dim
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
-    if config.token_dim % config.num_attention_heads:
+    _check_cache_shape(model, config, own, kv_heads, getattr(cfg, "head_dim", None))
+
+
+def _check_cache_shape(
+    model: nn.Module, config: PrefixTuningConfig, own: dict, kv_heads: int | None, head_dim: int | None
+) -> None:
+    """Refuse a prefix whose layers, heads or head width differ from the cache of the model (where its
+    config tells them): the model would fail on it in the first forward, or ignore part of it."""
+    where = f"{type(model).__name__}, whose attention cache has"
+    if own["num_layers"] is not None and config.num_layers != own["num_layers"]:
         raise ValueError(
-            f"PrefixTuningConfig: token_dim={config.token_dim} is not a multiple of "
-            f"num_attention_heads={config.num_attention_heads}."
+            f"PrefixTuningConfig: num_layers={config.num_layers} does not fit {where} {own['num_layers']} "
+            "layers; leave num_layers None to read it off the model."
+        )
+    if own["token_dim"] is None or own["num_attention_heads"] is None:
+        return
+    heads = kv_heads or own["num_attention_heads"]
+    width = head_dim or own["token_dim"] // own["num_attention_heads"]
+    if (config.num_attention_heads, config.token_dim // config.num_attention_heads) != (heads, width):
+        raise ValueError(
+            f"PrefixTuningConfig: token_dim={config.token_dim} and num_attention_heads="
+            f"{config.num_attention_heads} make a prefix of {config.num_attention_heads} heads of width "
+            f"{config.token_dim // config.num_attention_heads}, which does not fit {where} {heads} heads of "
+            f"width {width}; leave token_dim and num_attention_heads None to read them off the model."
         )
 
 

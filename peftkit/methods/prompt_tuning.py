@@ -7,13 +7,24 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import PeftConfig, TaskType, check_choice, method_config
+from ..config import (
+    KEYWORD_ARGS,
+    TEXT,
+    Domain,
+    PeftConfig,
+    TaskType,
+    integer,
+    method_config,
+    one_of,
+    optional,
+)
 from ..layer import ModelAdapter
 from ..registry import Method, register_method
 
@@ -31,7 +42,17 @@ class PromptTuningInit(str, enum.Enum):
 
 
 class VirtualTokenConfig(PeftConfig):
-    """What the configs of methods that learn virtual tokens share (no fields of its own)."""
+    """What the configs of methods that learn virtual tokens share (no fields of its own): the domains of
+    the options they all have, the model's dimensions among them (None: read off the model)."""
+
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **PeftConfig.field_domains,
+        "num_virtual_tokens": integer(1),
+        "token_dim": optional(integer(1, "the model's embedding width")),
+        "num_transformer_submodules": one_of([None, 1], "virtual tokens go to one transformer stack"),
+        "num_attention_heads": optional(integer(1)),
+        "num_layers": optional(integer(1)),
+    }
 
     @classmethod
     def training_defaults(cls, total_steps: int) -> dict[str, Any]:
@@ -44,6 +65,13 @@ class PromptTuningConfig(VirtualTokenConfig):
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     default_learning_rate: ClassVar[float] = 3e-2
+    field_domains: ClassVar[dict[str, Domain]] = {
+        **VirtualTokenConfig.field_domains,
+        "prompt_tuning_init": one_of([i.value for i in PromptTuningInit]),
+        "prompt_tuning_init_text": optional(TEXT),
+        "tokenizer_name_or_path": optional(TEXT),
+        "tokenizer_kwargs": optional(KEYWORD_ARGS),
+    }
 
     num_virtual_tokens: int = None  # type: ignore[assignment]
     token_dim: int | None = None
@@ -57,24 +85,18 @@ class PromptTuningConfig(VirtualTokenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ValueError(
-                "PromptTuningConfig: num_virtual_tokens must be a positive integer, "
-                f"got {self.num_virtual_tokens!r}."
-            )
-        check_choice(
-            "PromptTuningConfig",
-            "prompt_tuning_init",
-            str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)),
-            [i.value for i in PromptTuningInit],
-        )
         self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
-        if self.prompt_tuning_init == PromptTuningInit.TEXT and not (
-            self.prompt_tuning_init_text and self.tokenizer_name_or_path
-        ):
+        text = self.prompt_tuning_init == PromptTuningInit.TEXT
+        if text and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ValueError(
                 "PromptTuningConfig: prompt_tuning_init=TEXT needs prompt_tuning_init_text and "
                 "tokenizer_name_or_path (a local tokenizer folder)."
+            )
+        if self.tokenizer_kwargs and not text:
+            raise ValueError(
+                f"PromptTuningConfig: tokenizer_kwargs={self.tokenizer_kwargs!r} are for the tokenizer that "
+                f"prompt_tuning_init=TEXT reads, but prompt_tuning_init is {self.prompt_tuning_init.value}. "
+                "Drop tokenizer_kwargs, or set prompt_tuning_init='TEXT'."
             )
 
 
@@ -135,12 +157,18 @@ def complete_prompt_config(model: nn.Module, config: PeftConfig, method: str) ->
             f"got {config.task_type.value}."
         )
     cfg = getattr(model, "config", None)
+    width = model.get_input_embeddings().embedding_dim
+    if config.token_dim not in (None, width):
+        raise ValueError(
+            f"{type(config).__name__}: token_dim={config.token_dim} does not fit {type(model).__name__}, "
+            f"whose input embeddings are {width} wide; leave token_dim None to read it off the model."
+        )
 
     def first(*names: str) -> int | None:
         return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
 
     dims = {
-        "token_dim": model.get_input_embeddings().embedding_dim,
+        "token_dim": width,
         "num_layers": first("num_hidden_layers", "num_layers", "n_layer"),
         "num_attention_heads": first("num_attention_heads", "n_head", "num_heads"),
         "num_transformer_submodules": 1,
@@ -164,6 +192,13 @@ class PromptTuning(Method):
         with torch.no_grad():
             if config.prompt_tuning_init == PromptTuningInit.TEXT:
                 token_ids = _init_token_ids(config)
+                if int(token_ids.max()) >= embeddings.num_embeddings:
+                    raise ValueError(
+                        f"PromptTuningConfig: the tokenizer in tokenizer_name_or_path="
+                        f"{config.tokenizer_name_or_path!r} gives prompt_tuning_init_text token id "
+                        f"{int(token_ids.max())}, beyond the {embeddings.num_embeddings} rows of "
+                        f"{type(model).__name__}'s input embeddings; use the model's own tokenizer."
+                    )
                 adapter.prompt_embeddings.copy_(embeddings(token_ids.to(embeddings.weight.device)).float())
             elif config.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB:
                 rows = torch.randint(0, embeddings.num_embeddings, (config.num_virtual_tokens,))
@@ -175,8 +210,25 @@ def _init_token_ids(config: PromptTuningConfig) -> torch.Tensor:
     """The init text's token ids, repeated or cut to num_virtual_tokens."""
     from transformers import AutoTokenizer
 
-    kwargs = config.tokenizer_kwargs or {}
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    path, kwargs = config.tokenizer_name_or_path, config.tokenizer_kwargs or {}
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"PromptTuningConfig: tokenizer_name_or_path={path!r} is not a folder. prompt_tuning_init=TEXT "
+            "reads the tokenizer from a local folder (tokenizer.save_pretrained writes one); peftkit never "
+            "downloads."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"PromptTuningConfig: no tokenizer loads from tokenizer_name_or_path={path!r} with "
+            f"tokenizer_kwargs={kwargs!r} ({error}). Give a folder that tokenizer.save_pretrained wrote."
+        ) from error
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+    if not ids:
+        raise ValueError(
+            f"PromptTuningConfig: prompt_tuning_init_text={config.prompt_tuning_init_text!r} gives no tokens "
+            f"with the tokenizer in {path!r}; give a text with words in it."
+        )
     ids = (ids * math.ceil(config.num_virtual_tokens / len(ids)))[: config.num_virtual_tokens]
     return torch.tensor(ids)

@@ -133,9 +133,7 @@ def test_inspect_shows_layers_targets_and_the_trainable_count(encoder_folder, ca
     assert "trainable parameters 578 of" in out  # 4·(32 + 32) on 2 layers, and the head's 32·2 + 2
 
 
-def test_training_again_into_a_run_folder_needs_resume(
-    classifier_run, encoder_folder, sentiment_csv, capsys
-):
+def test_training_again_into_a_run_folder_needs_resume(classifier_run, encoder_folder, sentiment_csv, capsys):
     assert cli(*train_args(encoder_folder, sentiment_csv, classifier_run, "--max-steps", 2)) == 2
     assert "already holds a run's checkpoints. Pass --resume" in capsys.readouterr().err
 

@@ -448,7 +448,7 @@ def test_targets_come_from_the_style_when_wrapping():
         ({"style": "lora"}, r"style='lora' is not accepted; use one of \['houlsby', 'pfeiffer'\]"),
         ({"parallel": "yes"}, r"parallel must be True or False, got 'yes'"),
         ({"adapter_dropout": 1.0}, r"adapter_dropout must be in \[0, 1\), got 1\.0"),
-        ({"scaling": "4"}, r"scaling must be a number, got '4'"),
+        ({"scaling": "4"}, r"scaling must be a finite number, got '4'"),
     ],
 )
 def test_config_errors_say_what_to_do(options, message):

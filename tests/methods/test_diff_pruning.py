@@ -74,17 +74,17 @@ def test_config_defaults_and_validation():
     assert (config.density, config.target_modules, config.l0_penalty) == (0.005, "all-linear", 1.0)
     assert (config.gate_stretch_low, config.gate_stretch_high, config.gate_temperature) == (-1.5, 1.5, 1.0)
     assert config.to_dict()["peft_type"] == "DIFF_PRUNING"
-    with pytest.raises(ValueError, match=r"density must be in \(0, 1\], e.g. 0.005 for 0.5%; got 0"):
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\] \(e.g. 0.005 for 0.5%\), got 0\."):
         DiffPruningConfig(density=0)
-    with pytest.raises(ValueError, match=r"density must be in \(0, 1\].*; got 1.5"):
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\].*, got 1.5"):
         DiffPruningConfig(density=1.5)
-    with pytest.raises(ValueError, match=r"gate_stretch_low must be < 0, e.g. -1.5; got 0.1"):
+    with pytest.raises(ValueError, match=r"gate_stretch_low must be a finite number < 0 .*, got 0.1"):
         DiffPruningConfig(gate_stretch_low=0.1)
-    with pytest.raises(ValueError, match=r"gate_stretch_high must be > 1, e.g. 1.5; got 1.0"):
+    with pytest.raises(ValueError, match=r"gate_stretch_high must be a finite number > 1 .*, got 1.0"):
         DiffPruningConfig(gate_stretch_high=1.0)
-    with pytest.raises(ValueError, match=r"l0_penalty must be >= 0 .*; got -1"):
+    with pytest.raises(ValueError, match=r"l0_penalty must be a finite number >= 0 .*, got -1"):
         DiffPruningConfig(l0_penalty=-1)
-    with pytest.raises(ValueError, match=r"gate_temperature must be > 0; got '1'"):
+    with pytest.raises(ValueError, match=r"gate_temperature must be a finite number > 0 .*, got '1'"):
         DiffPruningConfig(gate_temperature="1")
     with pytest.raises(TypeError, match=r"no option 'sparsity' \(did you mean 'density'\?\)"):
         DiffPruningConfig(sparsity=0.01)
@@ -324,17 +324,22 @@ def test_file_is_a_small_fraction_of_the_targeted_weights(tmp_path):
     assert size < 0.03 * 4 * sum(weights), size / (4 * sum(weights))
 
 
-def test_saving_before_finalizing_writes_the_projection_of_a_copy(tmp_path, input_ids):
+def test_saving_before_finalizing_keeps_the_gates(tmp_path, input_ids):
+    """A checkpoint saved in training holds δ and log α dense, and loads as the gated adapter it was."""
     model = get_peft_model(tiny_llama(), DiffPruningConfig(density=0.05))
     randomize(model, seed=8)
     model.eval()
-    with pytest.warns(UserWarning, match=r"before model.finalize_diff_pruning\(\): the file holds the diff"):
-        model.save_pretrained(str(tmp_path))
+    model.save_pretrained(str(tmp_path))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k.rsplit(".", 1)[-1] for k in saved} == {"diff_weight", "gate_log_alpha"}
     assert not any(a.projected for a in adapters(model).values())  # the model in memory goes on training
     loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    assert not any(a.projected for a in adapters(loaded).values())
     with torch.no_grad():
         gated = model(input_ids=input_ids).logits
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, gated, atol=0, rtol=0)
         model.finalize_diff_pruning()
+        loaded.finalize_diff_pruning()
         projected = model(input_ids=input_ids).logits
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, projected, atol=0, rtol=0)
     assert not torch.allclose(gated, projected, atol=1e-3)

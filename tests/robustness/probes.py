@@ -38,8 +38,10 @@ class Figures:
         shown = []
         for f in fields(self):
             value = getattr(self, f.name)
-            goal = f" (goal {goals[f.name]}: {'met' if value == goals[f.name] else 'MISSED'})"
-            shown.append(f"{f.name.replace('_', ' ')}: {value}" + (goal if f.name in goals else ""))
+            goal = ""
+            if f.name in goals:
+                goal = f" (goal {goals[f.name]}: {'met' if value == goals[f.name] else 'MISSED'})"
+            shown.append(f"{f.name.replace('_', ' ')}: {value}{goal}")
         return shown
 
 
@@ -147,4 +149,3 @@ def left_intact(folder: Path) -> Iterator[None]:
 
 def survived_kill() -> None:
     FIGURES.kill_points_survived += 1
-
