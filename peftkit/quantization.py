@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import check_choice
+from .domains import check_choice
 from .targeting import name_matches
 
 QUANT_TYPES = ["nf4", "fp4"]

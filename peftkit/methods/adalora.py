@@ -28,17 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import (
-    BOOLEAN,
-    LAYER_SELECTION,
-    Domain,
-    PeftConfig,
-    integer,
-    method_config,
-    number,
-    one_of,
-    optional,
-)
+from ..config import PeftConfig, method_config
+from ..domains import BOOLEAN, LAYER_SELECTION, Domain, integer, number, one_of, optional
 from ..layer import LayerAdapter, ModelAdapter
 from ..registry import Method, register_method
 from ..targeting import is_linear, model_type

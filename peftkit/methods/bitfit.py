@@ -13,7 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import LAYER_SELECTION, Domain, PeftConfig, method_config
+from ..config import PeftConfig, method_config
+from ..domains import LAYER_SELECTION, Domain
 from ..layer import LayerAdapter
 from ..registry import Method, register_method
 

@@ -39,7 +39,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import BOOLEAN, LAYER_SELECTION, Domain, PeftConfig, integer, method_config, number, one_of
+from ..config import PeftConfig, method_config
+from ..domains import BOOLEAN, LAYER_SELECTION, Domain, integer, number, one_of
 from ..layer import LayerAdapter, NotMergeableError, TunedLayer
 from ..registry import Method, register_method
 from ..targeting import is_linear

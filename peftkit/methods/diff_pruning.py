@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LAYER_SELECTION, Domain, PeftConfig, method_config, number
+from ..config import PeftConfig, method_config
+from ..domains import LAYER_SELECTION, Domain, number
 from ..layer import LayerAdapter, ModelAdapter, NotMergeableError
 from ..registry import Method, register_method
 from ..targeting import ALL_LINEAR, is_linear

@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import BOOLEAN, MODULE_NAMES, TARGET_MODULES, Domain, PeftConfig, method_config, optional
+from ..config import PeftConfig, method_config
+from ..domains import BOOLEAN, MODULE_NAMES, TARGET_MODULES, Domain, optional
 from ..layer import LayerAdapter
 from ..merging import WeightedMerge
 from ..registry import Method, register_method

@@ -19,17 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import (
-    BOOLEAN,
-    LAYER_SELECTION,
-    Domain,
-    PeftConfig,
-    integer,
-    method_config,
-    number,
-    one_of,
-    pattern_map,
-)
+from ..config import PeftConfig, method_config
+from ..domains import BOOLEAN, LAYER_SELECTION, Domain, integer, number, one_of, pattern_map
 from ..layer import LayerAdapter, TunedLayer, is_adapter_parameter
 from ..merging import WeightedMerge, combine, svd_factors
 from ..quantization import dequantized_weight, guard_cpu_packing, is_quantized_linear, replace_weight

@@ -21,7 +21,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import Domain, integer, method_config, number, one_of, optional
+from ..config import method_config
+from ..domains import Domain, integer, number, one_of, optional
 from ..layer import ModelAdapter, copy_strict
 from ..registry import Method, register_method
 from .prompt_tuning import VirtualTokenConfig, VirtualTokens, complete_prompt_config

@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import BOOLEAN, Domain, TaskType, integer, method_config, one_of, optional
+from ..config import TaskType, method_config
+from ..domains import BOOLEAN, Domain, integer, one_of, optional
 from ..layer import ModelAdapter, copy_strict
 from ..registry import Method, register_method
 from .prompt_tuning import VirtualTokenConfig

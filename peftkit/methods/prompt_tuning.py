@@ -14,17 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import (
-    KEYWORD_ARGS,
-    TEXT,
-    Domain,
-    PeftConfig,
-    TaskType,
-    integer,
-    method_config,
-    one_of,
-    optional,
-)
+from ..config import PeftConfig, TaskType, method_config
+from ..domains import KEYWORD_ARGS, TEXT, Domain, integer, one_of, optional
 from ..layer import ModelAdapter
 from ..registry import Method, register_method
 
