@@ -182,3 +182,36 @@ def test_a_full_disk_while_checkpointing_exits_2_and_keeps_the_checkpoints_befor
     assert "Free some space and pass --resume to continue" in message  # torch.save's own reason is vague
     assert {p.name for p in checkpoint_folders(output / "checkpoints")} == before
     assert not (output / "checkpoints" / ".partial").exists()
+
+
+def test_resume_passes_over_an_incomplete_checkpoint(encoder_folder, sentiment_csv, tmp_path, capsys):
+    """A checkpoint folder without the Trainer's state (copied in part, or left by another tool) is not
+    resumed from: the run goes on from the one before, replaces it, and ends as an uninterrupted run."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main(argv(encoder_folder, sentiment_csv, whole, "--max-steps", 7, "--lr", 1e-2)) == 0
+    args = build_parser().parse_args(
+        argv(encoder_folder, sentiment_csv, broken, "--max-steps", 7, "--lr", 1e-2)
+    )
+    with pytest.raises(RuntimeError, match="killed"):
+        train(args, callbacks=[Crash(after_step=7)])
+    (broken / "checkpoints" / "checkpoint-6" / "trainer_state.json").unlink()
+    capsys.readouterr()
+    assert main(argv(encoder_folder, sentiment_csv, broken, "--max-steps", 7, "--lr", 1e-2, "--resume")) == 0
+    assert "checkpoint-6 is incomplete (no trainer_state.json or weights); resuming from an earlier one" in (
+        capsys.readouterr().out
+    )
+    assert [p.name for p in checkpoint_folders(broken / "checkpoints")] == ["checkpoint-6", "checkpoint-7"]
+    assert (broken / "checkpoints" / "checkpoint-6" / "trainer_state.json").is_file()
+    first, second = (load_file(run / "adapter_model.safetensors") for run in (whole, broken))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+class Crash(TrainerCallback):
+    """Raises once `after_step` optimizer steps are done, before that step's checkpoint."""
+
+    def __init__(self, after_step: int) -> None:
+        self.after_step = after_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.after_step:
+            raise RuntimeError("killed")
