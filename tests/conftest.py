@@ -44,6 +44,7 @@ for _profile, _examples in {"ci": 40, "long": 500}.items():
         _profile,
         max_examples=_examples,
         derandomize=True,
+        database=None,  # derandomized: nothing to remember between runs, and no folder written
         deadline=None,
         suppress_health_check=[hypothesis.HealthCheck.too_slow],
     )

@@ -113,3 +113,11 @@ def test_a_model_config_that_is_not_json_is_a_clear_error(encoder_folder, tmp_pa
     shutil.copytree(encoder_folder, folder)
     (folder / "config.json").write_text('{"model_type": "bert",')
     cli_refuses(["inspect", "--model", folder], f"{folder / 'config.json'} is not a JSON file")
+
+
+def test_debug_shows_the_traceback_instead_of_one_line(encoder_folder, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(encoder_folder, folder)
+    (folder / "config.json").write_text("[")
+    with pytest.raises(ValueError, match="is not a JSON file"):
+        main(["inspect", "--model", str(folder), "--debug"])
