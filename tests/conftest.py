@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
+    TrainerCallback,
 )
 
 warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
@@ -294,3 +295,14 @@ def instructions_jsonl(tmp_path_factory) -> Path:
         )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+class Crash(TrainerCallback):
+    """Raises once `at_step` optimizer steps are done: the process dies before that step's checkpoint."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise RuntimeError("killed")

@@ -6,23 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import Crash
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from peftkit.cli import build_parser, main
 from peftkit.cli.train import method_choices, train
-
-
-class Crash(TrainerCallback):
-    """Raises once `at_step` optimizer steps are done: the process dies before that step's checkpoint."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise RuntimeError("killed")
-
 
 CASES = {  # dropout on where the method has it, so the restored random state matters too
     "lora-encoder": ("encoder_folder", ["--dropout", 0.1]),

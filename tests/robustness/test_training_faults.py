@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Crash, tiny_llama
 from forked import kill_self, run_forked
 from probes import cli_refuses, left_intact, refuses
 from safetensors.torch import load_file
@@ -73,14 +74,13 @@ def test_a_fault_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
 ):
     output = tmp_path / "run"
     args = build_parser().parse_args(argv(encoder_folder, sentiment_csv, output, "--lr", 1e-2))
-    error = refuses(
+    refuses(
         lambda: train(args, callbacks=[Poison(after_step, what)]),
         message,
         f"the last good checkpoint, {output / 'checkpoints' / kept[-1]}, is kept",
         hints=("Lower --lr",),
         types=(TrainingStopped,),
     )
-    assert isinstance(error, TrainingStopped)
     assert [p.name for p in checkpoint_folders(output / "checkpoints")] == kept
     assert all(all_finite(p) for p in checkpoint_folders(output / "checkpoints"))
     assert not (output / "adapter_model.safetensors").exists()  # no adapter of the poisoned state
@@ -143,8 +143,6 @@ def file_size_limit(limit: int):
 
 
 def test_a_full_disk_while_saving_is_a_clear_error_and_the_previous_adapter_stays(tmp_path):
-    from conftest import tiny_llama
-
     folder = tmp_path / "adapter"
     get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(folder))
     bigger = get_peft_model(tiny_llama(), LoraConfig(r=64, target_modules=["q_proj", "v_proj"]))
@@ -193,7 +191,7 @@ def test_resume_passes_over_an_incomplete_checkpoint(encoder_folder, sentiment_c
         argv(encoder_folder, sentiment_csv, broken, "--max-steps", 7, "--lr", 1e-2)
     )
     with pytest.raises(RuntimeError, match="killed"):
-        train(args, callbacks=[Crash(after_step=7)])
+        train(args, callbacks=[Crash(at_step=7)])
     (broken / "checkpoints" / "checkpoint-6" / "trainer_state.json").unlink()
     capsys.readouterr()
     assert main(argv(encoder_folder, sentiment_csv, broken, "--max-steps", 7, "--lr", 1e-2, "--resume")) == 0
@@ -204,14 +202,3 @@ def test_resume_passes_over_an_incomplete_checkpoint(encoder_folder, sentiment_c
     assert (broken / "checkpoints" / "checkpoint-6" / "trainer_state.json").is_file()
     first, second = (load_file(run / "adapter_model.safetensors") for run in (whole, broken))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-
-
-class Crash(TrainerCallback):
-    """Raises once `after_step` optimizer steps are done, before that step's checkpoint."""
-
-    def __init__(self, after_step: int) -> None:
-        self.after_step = after_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.after_step:
-            raise RuntimeError("killed")
