@@ -1,6 +1,7 @@
 """peftkit: parameter-efficient fine-tuning for PyTorch / Hugging Face transformers models."""
 
 from .config import PeftConfig, TaskType
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .layer import LayerAdapter, ModelAdapter, NotMergeableError
 from .methods import (
     AdaLoraConfig,
@@ -61,7 +62,9 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "get_peft_model",
+    "hotswap_adapter",
     "inject_adapter_in_model",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "quantize",
     "register_method",

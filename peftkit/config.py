@@ -83,6 +83,12 @@ class PeftConfig:
     option_aliases: ClassVar[dict[str, str]] = {}
     # The learning rate `peftkit train` uses for this method unless told otherwise.
     default_learning_rate: ClassVar[float] = 1e-3
+    # Fields in which an adapter swapped in by `hotswap_adapter` may differ from the one it replaces: which
+    # layers it adapts is checked on its weights instead, and a method adds what its layers absorb.
+    swappable_fields: ClassVar[frozenset[str]] = frozenset(
+        {"base_model_name_or_path", "revision", "inference_mode", "modules_to_save"}
+        | {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}
+    )
 
     @classmethod
     def training_defaults(cls, total_steps: int) -> dict[str, Any]:
@@ -119,6 +125,17 @@ class PeftConfig:
                 "where layer indices are read in module names. Give layers_to_transform (e.g. [0, 1]) too, "
                 "or drop layers_pattern."
             )
+
+    def hotswap_differences(self, other: PeftConfig) -> list[str]:
+        """What keeps an adapter with config `other` from replacing this one's weights in place: one line per
+        field outside `swappable_fields` in which they differ (an empty list: none)."""
+        if type(other) is not type(self):
+            return [f"it is a {other.peft_type} adapter, not a {self.peft_type} one"]
+        return [
+            f"{f.name}={getattr(other, f.name)!r} where this adapter has {getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in self.swappable_fields and getattr(other, f.name) != getattr(self, f.name)
+        ]
 
     # ---- serialisation -------------------------------------------------------------------------
 

@@ -44,11 +44,29 @@ class SavedState:
         """Copy `tensors` (keys relative to this module) in, or raise naming what does not fit."""
         copy_strict(self.state_dict(keep_vars=True), tensors, where)
 
+    def swapped_in(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str, where: str
+    ) -> dict[str, torch.Tensor]:
+        """Another adapter's saved tensors (keys relative to this module; `config` is that adapter's) as
+        `load_saved` must get them to make this module compute that adapter in place of its own, with every
+        tensor keeping its shape (`hotswap_adapter`). By default they are taken as they are; a method whose
+        tensors may be smaller (LoRA's rank) or hold what this module keeps as a constant (LoRA's scale)
+        converts them."""
+        return tensors
+
 
 def copy_strict(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy every tensor into its target after checking that names and shapes match exactly.
 
     `where` reads "Adapter 'x': <prefix>", so that `where + key` names a tensor as it is on disk."""
+    check_fits(targets, tensors, where)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            targets[key].copy_(value.to(dtype=targets[key].dtype, device=targets[key].device))
+
+
+def check_fits(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise naming what differs unless `tensors` has exactly the keys and shapes of `targets`."""
     missing, unknown = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
     if missing or unknown:
         adapter, _, prefix = where.partition(": ")
@@ -72,9 +90,6 @@ def copy_strict(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
                 "the model. The config (rank, number of virtual tokens, ...) or the base model differs from "
                 "the one the adapter was saved with."
             )
-    with torch.no_grad():
-        for key, value in tensors.items():
-            targets[key].copy_(value.to(dtype=targets[key].dtype, device=targets[key].device))
 
 
 class LayerAdapter(SavedState, nn.Module):
@@ -220,17 +235,39 @@ class RowRouting:
 _ROUTING: ContextVar[RowRouting | None] = ContextVar("peftkit_row_routing", default=None)
 
 
+class RoutingSlot:
+    """The routing where torch.compile traces: dynamo cannot read a ContextVar, so `route_rows` also keeps
+    it here, a plain attribute the compiler follows (shared by all threads, unlike the ContextVar)."""
+
+    routing: RowRouting | None = None
+
+
+_TRACED_ROUTING = RoutingSlot()
+
+
+def current_routing() -> RowRouting | None:
+    """The routing of the forward in progress: the ContextVar's (each thread and task its own) in eager
+    mode, the slot's where the compiler traces."""
+    if torch.compiler.is_compiling():
+        return _TRACED_ROUTING.routing
+    return _ROUTING.get()
+
+
 @contextlib.contextmanager
 def route_rows(adapter_names: list[str] | None):
     """Within this context every wrapper sends each batch row through the adapter named for it."""
     if adapter_names is None:
         yield
         return
-    token = _ROUTING.set(RowRouting(adapter_names))
+    routing, previous = RowRouting(adapter_names), _TRACED_ROUTING.routing
+    token = None if torch.compiler.is_compiling() else _ROUTING.set(routing)
+    _TRACED_ROUTING.routing = routing
     try:
         yield
     finally:
-        _ROUTING.reset(token)
+        _TRACED_ROUTING.routing = previous
+        if token is not None:
+            _ROUTING.reset(token)
 
 
 def is_adapter_parameter(name: str) -> bool:
@@ -339,7 +376,7 @@ class TunedLayer(AdapterHolder):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        routing = _ROUTING.get()
+        routing = current_routing()
         if routing is not None:
             return self._forward_rows(routing, x, *args, **kwargs)
         if self._with_base and not args and not kwargs:
@@ -448,7 +485,7 @@ class ModulesToSave(AdapterHolder):
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        routing = _ROUTING.get()
+        routing = current_routing()
         if routing is None or self.disabled:
             return self.active_module(x, *args, **kwargs)
         out = self.original_module(x, *args, **kwargs)

@@ -106,6 +106,7 @@ class PeftModel(nn.Module):
         self.base_parameter_names: dict[str, list[str]] = {}
         self._active: list[str] = []
         self._disabled = False
+        self._running: list[tuple[ModelAdapter, PeftConfig]] = []
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -261,6 +262,7 @@ class PeftModel(nn.Module):
         self._active = names
         for holder in self._holders():
             holder.set_active(names)
+        self._refresh_running()
         self._update_trainable()
 
     def _check_names(self, names: list[str], allow_base: bool = False) -> None:
@@ -304,12 +306,14 @@ class PeftModel(nn.Module):
                 holder.unmerge()
             holder.disabled = True
         self._disabled = True
+        self._refresh_running()
         try:
             yield
         finally:
             for holder in holders:
                 holder.disabled = False
             self._disabled = False
+            self._refresh_running()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; layers left with no adapter get their original module back."""
@@ -331,6 +335,7 @@ class PeftModel(nn.Module):
         self._active = remaining
         for holder in self._holders():
             holder.set_active(remaining)
+        self._refresh_running()
         self._update_trainable()
 
     def _input_side(self, names: list[str]) -> list[str]:
@@ -565,17 +570,17 @@ class PeftModel(nn.Module):
 
     # ---- running ------------------------------------------------------------------------------
 
-    def _active_model_adapters(self) -> list[tuple[ModelAdapter, PeftConfig]]:
-        if self._disabled:
-            return []
-        return [
-            (self.model_adapters[n], self.peft_config[n]) for n in self._active if n in self.model_adapters
-        ]
+    def _refresh_running(self) -> None:
+        """The model adapters a forward runs, with their configs, listed whenever the active set changes:
+        the forward reads this list, not the active adapters' names, so that a compiled forward (whose
+        guards check what it reads) keeps its graph when another adapter of the same shapes is made active."""
+        active = [] if self._disabled else [n for n in self._active if n in self.model_adapters]
+        self._running = [(self.model_adapters[n], self.peft_config[n]) for n in active]
 
     def _prepare_inputs(
         self, args: tuple, kwargs: dict[str, Any], generation: bool = False
     ) -> tuple[tuple, dict[str, Any]]:
-        adapters = [(a, c) for a, c in self._active_model_adapters() if a.rewrites_inputs]
+        adapters = [(a, c) for a, c in self._running if a.rewrites_inputs]
         if not adapters:
             return args, kwargs
         if len(args) > 1:
@@ -605,7 +610,7 @@ class PeftModel(nn.Module):
         args, kwargs = self._prepare_inputs(args, kwargs)
         with self._routing(adapter_names):
             outputs = self.get_base_model()(*args, **kwargs)
-        for adapter, _ in self._active_model_adapters():
+        for adapter, _ in self._running:
             outputs = adapter.finish_outputs(outputs)
         return outputs
 

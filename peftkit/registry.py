@@ -61,6 +61,14 @@ class Method:
             f"adapters combine are {combinable}."
         )
 
+    def padded_for_hotswap(
+        self, config: PeftConfig, layers: dict[str, LayerAdapter], target_rank: int
+    ) -> PeftConfig | None:
+        """For `prepare_model_for_compiled_hotswap`: grow these layer adapters (module name -> adapter) to
+        `target_rank`, computing what they computed, and return the config that describes them now; None
+        where the method's tensors have no rank to grow (their shapes follow from the model alone)."""
+        return None
+
     def training_callbacks(self, config: PeftConfig) -> list:
         """transformers `TrainerCallback`s this method needs in training; `peftkit train` adds them."""
         return []

@@ -278,6 +278,27 @@ def _kind(tensor: torch.Tensor) -> str:
 
 
 def _load_adapter_weights(peft_model: PeftModel, name: str, weights: dict[str, torch.Tensor]) -> None:
+    parts, base = split_adapter_weights(peft_model, name, weights)
+    for prefix, owner, tensors in parts:
+        where = f"Adapter {name!r}: {prefix}"
+        if isinstance(owner, SavedState):
+            owner.load_saved(tensors, where)
+        else:
+            copy_strict(dict(owner.state_dict(keep_vars=True)), tensors, where)
+    copy_strict(held_base(peft_model, base), base, f"Adapter {name!r}: ")
+
+
+def held_base(peft_model: PeftModel, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own tensors under the keys of `base` (base parameters an adapter trains in place)."""
+    everything = peft_model.state_dict(keep_vars=True)
+    return {key: everything[key] for key in base}
+
+
+def split_adapter_weights(
+    peft_model: PeftModel, name: str, weights: dict[str, torch.Tensor]
+) -> tuple[list[tuple[str, nn.Module, dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """Saved tensors by the module that takes them: ([(on-disk prefix, owner, its tensors by relative key)],
+    base parameters by key), or a ValueError naming what fits nowhere or what the file lacks."""
     found = sorted(owners(peft_model, name), key=lambda owner: -len(owner[0]))
     heads = [prefix for prefix, owner in found if not isinstance(owner, SavedState)]
     everything = peft_model.state_dict(keep_vars=True)
@@ -321,10 +342,4 @@ def _load_adapter_weights(peft_model: PeftModel, name: str, weights: dict[str, t
             f"Adapter {name!r} does not fit this model: {'; '.join(problems)}. Load it onto the base model "
             "it was trained on, with the adapter_config.json saved beside it."
         )
-    for (prefix, owner), tensors in zip(found, by_owner, strict=True):
-        where = f"Adapter {name!r}: {prefix}"
-        if isinstance(owner, SavedState):
-            owner.load_saved(tensors, where)
-        else:
-            copy_strict(dict(owner.state_dict(keep_vars=True)), tensors, where)
-    copy_strict({key: everything[key] for key in base}, base, f"Adapter {name!r}: ")
+    return [(prefix, owner, got) for (prefix, owner), got in zip(found, by_owner, strict=True)], base

@@ -53,6 +53,16 @@ for _profile, _examples in {"ci": 40, "long": 500}.items():
 
 def pytest_configure(config) -> None:
     hypothesis.settings.load_profile("long" if config.getoption("--long") else "ci")
+    config.addinivalue_line("markers", "long: a long case, run only with --long")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="a long case: run it with --long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory"
     )
+    run.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile the model for training (the Trainer's torch_compile), with this backend "
+        "(default inductor; aot_eager compiles fast and fuses nothing)",
+    )
     run.add_argument("--logging-steps", type=int, default=10)
     run.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps")
     run.add_argument("--output", help="run folder (default runs/<model>-<method>)")

@@ -630,6 +630,8 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        torch_compile=bool(args.compile),
+        torch_compile_backend=args.compile,
     )
     trainer = AdapterTrainer(
         model=model,

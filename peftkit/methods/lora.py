@@ -123,6 +123,27 @@ class LoraConfig(PeftConfig):
         "use_dora": BOOLEAN,
     }
 
+    # A swap pads a smaller rank and folds another scale into B (LowRankUpdate.swapped_in); the initialisation
+    # no longer matters once trained, unless it moved B A out of the base weight (checked below).
+    swappable_fields: ClassVar[frozenset[str]] = PeftConfig.swappable_fields | {
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+        "init_lora_weights",
+    }
+
+    def hotswap_differences(self, other: PeftConfig) -> list[str]:
+        differences = super().hotswap_differences(other)
+        moved = [c.init_lora_weights for c in (self, other) if isinstance(c, LoraConfig) and moves_base(c)]
+        if moved and self.init_lora_weights != getattr(other, "init_lora_weights", None):
+            differences.append(
+                f"init_lora_weights={other.init_lora_weights!r} where this adapter has "
+                f"{self.init_lora_weights!r}: {moved[0]!r} changed the base weights the adapter was trained on"
+            )
+        return differences
+
     r: int = 8
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -159,6 +180,12 @@ class LoraConfig(PeftConfig):
                     )
 
 
+def moves_base(config: LoraConfig) -> bool:
+    """Whether the initialisation moved B A out of the base weight (PiSSA, OLoRA), leaving a residual W."""
+    init = config.init_lora_weights
+    return init == "olora" or (isinstance(init, str) and bool(SVD_INITS.fullmatch(init)))
+
+
 def lora_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]:
     """(rank, scale) for one module, after rank_pattern / alpha_pattern."""
     r = pattern_value(config.rank_pattern, module_name, config.r)
@@ -175,7 +202,7 @@ def pad_rank(weight: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     missing = r - weight.shape[dim]
     if not missing:
         return weight
-    return F.pad(weight, (0, missing) if dim == 1 else (0, 0, 0, missing))
+    return F.pad(weight, [0, 0] * (weight.dim() - 1 - dim) + [0, missing])  # F.pad lists the last axis first
 
 
 def layer_weight(base_layer: nn.Module) -> torch.Tensor:
@@ -311,7 +338,8 @@ class _DoraLinearFunction(torch.autograd.Function):
         h.addmm_(rows @ lora_a.T, lora_b.T, alpha=scaling)
         scale = magnitude / norm
         # Rescaled in place where every m is non-zero: then Σ g·h = Σ g·(out - b) / (m/n) needs only `out`.
-        ctx.in_place = bool((magnitude != 0).all())
+        # (Not where the compiler traces: the test would read a value back, and it fuses the passes itself.)
+        ctx.in_place = not torch.compiler.is_compiling() and bool((magnitude != 0).all())
         if ctx.in_place:
             out = h.mul_(scale) if bias is None else h.mul_(scale).add_(bias)
             ctx.save_for_backward(x, weight, lora_a, lora_b, out, scale, magnitude, bias)
@@ -341,11 +369,13 @@ def plus_low_rank(
     """out + s·B A x over the last dimension of `x` and `out`; the product in the adapter's dtype.
 
     `out` is the base layer's output, which only the adapters read, so the sum is written into it (when it
-    is a contiguous tensor of its own and of the adapter's dtype)."""
+    is a contiguous tensor of its own and of the adapter's dtype, and not where torch.compile traces, which
+    plans the memory itself and cannot trace an autograd Function that writes into its input)."""
     if out.dtype != lora_B.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
         ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)
         return out + (F.linear(ax, lora_B) * scaling).view(out.shape).to(out.dtype)
-    if out.is_contiguous() and out._base is None and not torch.is_autocast_enabled(out.device.type):
+    in_place = out.is_contiguous() and out._base is None and not torch.compiler.is_compiling()
+    if in_place and not torch.is_autocast_enabled(out.device.type):
         if torch.is_grad_enabled():
             return _AddLowRankInPlace.apply(out, x, lora_A, lora_B, scaling)
         out.view(-1, out.shape[-1]).addmm_(
@@ -364,12 +394,58 @@ class LowRankUpdate(LayerAdapter):
     requantizes: each costs one rounding to the 4-bit (8-bit) grid, so unmerging gives W back only to
     within those roundings."""
 
+    # Saved key of A, then of B, with the axis along which each has the rank (LoRA's layers; not AdaLoRA's).
+    rank_axes: ClassVar[dict[str, int]] = {}
+
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as matrices r × in and out × r, views of the parameters: the update is s·B A."""
         raise NotImplementedError
+
+    def rank(self) -> int:
+        key, axis = next(iter(self.rank_axes.items()))
+        return self.get_parameter(key).shape[axis]
+
+    def pad_rank_to(self, r: int, where: str) -> None:
+        """Grow A and B to rank r with zero rows (columns): B A, and so the output, stay as they are."""
+        if r < self.rank():
+            raise ValueError(
+                f"{where} has rank {self.rank()}, above target_rank={r}; give the largest rank of the adapters "
+                "that will be swapped in, this one's included."
+            )
+        for key, axis in self.rank_axes.items():
+            path, _, attr = key.rpartition(".")
+            owner, old = self.get_submodule(path), self.get_parameter(key)
+            grown = nn.Parameter(pad_rank(old.detach(), r, axis).contiguous(), requires_grad=old.requires_grad)
+            setattr(owner, attr, grown)
+            for size, axis_of in (("out_features", 0), ("in_features", 1), ("out_channels", 0), ("in_channels", 1)):
+                if path and hasattr(owner, size):  # keep nn.Linear's / nn.Conv2d's record of its shape true
+                    setattr(owner, size, grown.shape[axis_of])
+
+    def swapped_in(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str, where: str
+    ) -> dict[str, torch.Tensor]:
+        """Another LoRA's A and B at this layer's rank (zeros appended) and scale: B′ = (s_new/s)·B, so that
+        s·B′A = s_new·B A with this layer's constant s."""
+        if not self.rank_axes:
+            return tensors
+        rank, scale = lora_scaling(config, module_name)
+        if rank > self.rank():
+            raise ValueError(
+                f"{where}: its rank here is {rank}, above the {self.rank()} this adapter holds. Call "
+                f"prepare_model_for_compiled_hotswap(model, target_rank={rank}) (or the largest rank to be "
+                "swapped in) after loading the first adapter and before compiling."
+            )
+        out = dict(tensors)
+        for key, axis in self.rank_axes.items():
+            if key in out and out[key].dim() > axis:
+                out[key] = pad_rank(out[key], self.rank(), axis)
+        b_key = list(self.rank_axes)[-1]
+        if b_key in out:
+            out[b_key] = out[b_key].float() * (scale / self.scaling)
+        return out
 
     def set_weighted(self, sources: list[tuple[LayerAdapter, float]], plan: WeightedMerge) -> None:
         """The update Σ-combined from the sources' s_t·B_t A_t (Hugging Face peft's semantics):
@@ -444,8 +520,9 @@ class DoraMagnitude:
         (`AdamW(fused=True)`, transformers' Trainer's default) write the weights without bumping their
         version counters, so nothing tells that a step has moved them. Without gradients it is kept until
         W, A or B is written (their versions change) or a forward with gradients runs, after which an
-        optimizer step may follow."""
-        if torch.is_grad_enabled():
+        optimizer step may follow. Where torch.compile traces it is computed every time: a compiled graph
+        cannot compare storage addresses, and the norm is a small part of it."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             self.norm_cache = None
             return self.compute_norm(base_layer)
         key = tensor_versions(base_layer.weight, *self.low_rank_factors())
@@ -479,6 +556,8 @@ class DoraMagnitude:
 
 class LoraLinear(LowRankUpdate):
     """h = W x + s·B A dropout(x), for nn.Linear (bitsandbytes' 4-bit and 8-bit layers too) and Conv1D."""
+
+    rank_axes: ClassVar[dict[str, int]] = {"lora_A.weight": 0, "lora_B.weight": 1}
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
@@ -620,7 +699,7 @@ class DoraLinear(DoraMagnitude, LoraLinear):
         is unchanged. Exact up to rounding unless s·B A nearly cancels W."""
         weight = weight_out_in(base_layer).detach()
         lora_a, lora_b = (t.detach().to(weight.dtype) for t in self.low_rank_factors())
-        if base_layer.weight.requires_grad:  # W trains too: it moves with every step (see weight_norm)
+        if base_layer.weight.requires_grad or torch.compiler.is_compiling():  # W may move (see weight_norm)
             self.base_row_norms = None
             row_norms = weight.square().sum(1)
         else:
@@ -673,6 +752,8 @@ class DoraLinear(DoraMagnitude, LoraLinear):
 
 class LoraEmbedding(LowRankUpdate):
     """h = E[x] + s·Aᵀ[x] Bᵀ, with A ∈ R^{r×vocab} and B ∈ R^{dim×r} (B A is a low-rank table update)."""
+
+    rank_axes: ClassVar[dict[str, int]] = {"lora_embedding_A": 0, "lora_embedding_B": 1}
 
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
@@ -740,6 +821,8 @@ class DoraEmbedding(DoraMagnitude, LoraEmbedding):
 
 class LoraConv2d(LowRankUpdate):
     """h = conv(x, W) + s·conv₁ₓ₁(conv(x, A), B): A has the base kernel and r output channels."""
+
+    rank_axes: ClassVar[dict[str, int]] = {"lora_A.weight": 0, "lora_B.weight": 1}
 
     def __init__(self, base_layer: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
@@ -843,9 +926,27 @@ class Lora(Method):
     def resolve_config(self, model: nn.Module, config: LoraConfig) -> LoraConfig:
         if config.target_modules is None:  # Hugging Face peft's default for the architecture, if it has one
             config.target_modules = DEFAULT_TARGETS.get(model_type(model))
-        if config.init_lora_weights == "olora" or SVD_INITS.fullmatch(str(config.init_lora_weights)):
+        if moves_base(config):
             _check_factor_ranks(model, config, find_targets(model, config, self.supports))
         return config
+
+    def padded_for_hotswap(
+        self, config: LoraConfig, layers: dict[str, LayerAdapter], target_rank: int
+    ) -> LoraConfig:
+        """Every layer at rank `target_rank`, each keeping its scale s: α = s·r (rsLoRA: s·√r), the most common
+        α as lora_alpha and the others in alpha_pattern under their module's name."""
+        alphas = {}
+        for name, layer in layers.items():
+            layer.pad_rank_to(target_rank, f"Layer {name!r}")
+            alphas[name] = layer.scaling * (math.sqrt(target_rank) if config.use_rslora else target_rank)
+        common = max(set(alphas.values()), key=list(alphas.values()).count) if alphas else config.lora_alpha
+        return dataclasses.replace(
+            config,
+            r=target_rank,
+            lora_alpha=common,
+            rank_pattern={},
+            alpha_pattern={name: alpha for name, alpha in alphas.items() if alpha != common},
+        )
 
     def layer_adapter(self, base_layer: nn.Module, module_name: str, config: LoraConfig) -> LayerAdapter:
         r, scaling = lora_scaling(config, module_name)
