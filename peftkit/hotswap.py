@@ -66,11 +66,15 @@ def prepare_model_for_compiled_hotswap(
     if target_rank is None:
         return
     if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
-        raise ValueError(f"target_rank={target_rank!r}; give a whole number >= 1, the largest rank to swap in.")
+        raise ValueError(
+            f"target_rank={target_rank!r}; give a whole number >= 1, the largest rank to swap in."
+        )
     holders = holders_in(peft_model.get_base_model())
     padded = {}
     for name, adapter_config in peft_model.peft_config.items():
-        layers = {path: h.adapters[name] for path, h in holders if isinstance(h, TunedLayer) and name in h.adapters}
+        layers = {
+            path: h.adapters[name] for path, h in holders if isinstance(h, TunedLayer) and name in h.adapters
+        }
         grown = method_for(adapter_config).padded_for_hotswap(adapter_config, layers, target_rank)
         if grown is not None:
             padded[name] = (adapter_config, grown)
@@ -111,11 +115,15 @@ def hotswap_adapter(
     peft_model = _peft_model(model)
     peft_model._check_names([adapter_name])
     held_config = peft_model.peft_config[adapter_name]
-    merged = [path for path, h in holders_in(peft_model.get_base_model()) if adapter_name in getattr(h, "merged_adapters", ())]
+    merged = [
+        path
+        for path, h in holders_in(peft_model.get_base_model())
+        if adapter_name in getattr(h, "merged_adapters", ())
+    ]
     if merged:
         raise ValueError(
-            f"Adapter {adapter_name!r} is merged into the base weights (e.g. {merged[0]!r}); swapping its weights "
-            "now would leave the old ones merged. Call unmerge_adapter() first."
+            f"Adapter {adapter_name!r} is merged into the base weights (e.g. {merged[0]!r}); swapping its "
+            "weights now would leave the old ones merged. Call unmerge_adapter() first."
         )
     new_config, weights, source = _read_adapter(
         model_name_or_path, subfolder, None, not held_config.inference_mode, allow_pickle
@@ -130,17 +138,24 @@ def hotswap_adapter(
     held = adapter_tensors(peft_model, adapter_name)
     extra, missing = sorted(set(weights) - set(held)), sorted(set(held) - set(weights))
     if extra or missing:
-        problems = [f"{len(extra)} weights {adapter_name!r} has no place for (e.g. {extra[:2]})"] * bool(extra)
-        problems += [f"none of the {len(missing)} weights {adapter_name!r} holds at e.g. {missing[:2]}"] * bool(
-            missing
+        problems = [f"{len(extra)} weights {adapter_name!r} has no place for (e.g. {extra[:2]})"] * bool(
+            extra
         )
+        problems += [
+            f"none of the {len(missing)} weights {adapter_name!r} holds at e.g. {missing[:2]}"
+        ] * bool(missing)
         raise ValueError(
             f"{refusal}: it adapts other layers; it has {' and '.join(problems)}. Swapping keeps the layers "
             "the compiled model runs; load it as another adapter with load_adapter instead."
         )
     parts, base = split_adapter_weights(peft_model, adapter_name, weights)
-    module_names = {id(adapter): path for path, h in holders_in(peft_model.get_base_model())
-                    if isinstance(h, TunedLayer) for n, adapter in h.adapters.items() if n == adapter_name}
+    module_names = {
+        id(adapter): path
+        for path, h in holders_in(peft_model.get_base_model())
+        if isinstance(h, TunedLayer)
+        for n, adapter in h.adapters.items()
+        if n == adapter_name
+    }
     converted = []
     for prefix, owner, tensors in parts:
         where = f"{refusal}: {prefix}"
@@ -152,5 +167,7 @@ def hotswap_adapter(
         if isinstance(owner, SavedState):
             owner.load_saved(tensors, f"Adapter {adapter_name!r}: {prefix}")
         else:
-            copy_strict(dict(owner.state_dict(keep_vars=True)), tensors, f"Adapter {adapter_name!r}: {prefix}")
+            copy_strict(
+                dict(owner.state_dict(keep_vars=True)), tensors, f"Adapter {adapter_name!r}: {prefix}"
+            )
     copy_strict(held_base(peft_model, base), base, f"Adapter {adapter_name!r}: ")

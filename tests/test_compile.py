@@ -172,7 +172,16 @@ def test_steady_state_never_recompiles(method):
     assert torch.isfinite(torch.stack(losses)).all()
 
 
-EQUAL_CASES = ["lora", "lora_dropout", "dora", "ia3", "adalora", "diff_pruning", "adapter_serial", "prompt_tuning"]
+EQUAL_CASES = [
+    "lora",
+    "lora_dropout",
+    "dora",
+    "ia3",
+    "adalora",
+    "diff_pruning",
+    "adapter_serial",
+    "prompt_tuning",
+]
 
 
 @pytest.mark.parametrize("method", EQUAL_CASES)

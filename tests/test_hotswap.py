@@ -113,8 +113,14 @@ def test_swaps_as_hugging_face_peft_does(tmp_path):
 @pytest.mark.parametrize(
     ("second", "message"),
     [
-        (lora(r=8), r"rank here is 8, above the 4 .*prepare_model_for_compiled_hotswap\(model, target_rank=8\)"),
-        (lora(target_modules=["q_proj", "k_proj"]), r"adapts other layers; it has 4 weights 'default' has no"),
+        (
+            lora(r=8),
+            r"rank here is 8, above the 4 .*prepare_model_for_compiled_hotswap\(model, target_rank=8\)",
+        ),
+        (
+            lora(target_modules=["q_proj", "k_proj"]),
+            r"adapts other layers; it has 4 weights 'default' has no",
+        ),
         (lora(use_dora=True), r"use_dora=True where this adapter has False"),
         (lora(lora_dropout=0.1), r"lora_dropout=0.1 where this adapter has 0.0"),
         (IA3Config(), r"it is a IA3 adapter, not a LORA one"),

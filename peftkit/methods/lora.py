@@ -140,7 +140,8 @@ class LoraConfig(PeftConfig):
         if moved and self.init_lora_weights != getattr(other, "init_lora_weights", None):
             differences.append(
                 f"init_lora_weights={other.init_lora_weights!r} where this adapter has "
-                f"{self.init_lora_weights!r}: {moved[0]!r} changed the base weights the adapter was trained on"
+                f"{self.init_lora_weights!r}: {moved[0]!r} changed the base weights the adapter was "
+                "trained on"
             )
         return differences
 
@@ -369,19 +370,20 @@ def plus_low_rank(
     """out + s·B A x over the last dimension of `x` and `out`; the product in the adapter's dtype.
 
     `out` is the base layer's output, which only the adapters read, so the sum is written into it (when it
-    is a contiguous tensor of its own and of the adapter's dtype, and not where torch.compile traces, which
-    plans the memory itself and cannot trace an autograd Function that writes into its input)."""
+    is a contiguous tensor of its own and of the adapter's dtype; with gradients, not where torch.compile
+    traces, which cannot trace an autograd Function that writes into its input)."""
     if out.dtype != lora_B.dtype:  # a float32 adapter over a float16/bfloat16 base: add in the base's dtype
         ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)
         return out + (F.linear(ax, lora_B) * scaling).view(out.shape).to(out.dtype)
-    in_place = out.is_contiguous() and out._base is None and not torch.compiler.is_compiling()
-    if in_place and not torch.is_autocast_enabled(out.device.type):
+    if out.is_contiguous() and out._base is None and not torch.is_autocast_enabled(out.device.type):
         if torch.is_grad_enabled():
-            return _AddLowRankInPlace.apply(out, x, lora_A, lora_B, scaling)
-        out.view(-1, out.shape[-1]).addmm_(
-            F.linear(x.reshape(-1, x.shape[-1]), lora_A), lora_B.T, alpha=scaling
-        )
-        return out
+            if not torch.compiler.is_compiling():
+                return _AddLowRankInPlace.apply(out, x, lora_A, lora_B, scaling)
+        else:
+            out.view(-1, out.shape[-1]).addmm_(
+                F.linear(x.reshape(-1, x.shape[-1]), lora_A), lora_B.T, alpha=scaling
+            )
+            return out
     ax = F.linear(x.reshape(-1, x.shape[-1]), lora_A)  # A x, the batch flattened into rows
     # One kernel for the product, the scaling and the sum: addmm gives out + s·(A x) Bᵀ, row by row.
     return torch.addmm(out.reshape(-1, out.shape[-1]), ax, lora_B.T, alpha=scaling).view(out.shape)
@@ -412,15 +414,22 @@ class LowRankUpdate(LayerAdapter):
         """Grow A and B to rank r with zero rows (columns): B A, and so the output, stay as they are."""
         if r < self.rank():
             raise ValueError(
-                f"{where} has rank {self.rank()}, above target_rank={r}; give the largest rank of the adapters "
-                "that will be swapped in, this one's included."
+                f"{where} has rank {self.rank()}, above target_rank={r}; give the largest rank of the "
+                "adapters that will be swapped in, this one's included."
             )
         for key, axis in self.rank_axes.items():
             path, _, attr = key.rpartition(".")
             owner, old = self.get_submodule(path), self.get_parameter(key)
-            grown = nn.Parameter(pad_rank(old.detach(), r, axis).contiguous(), requires_grad=old.requires_grad)
+            grown = nn.Parameter(
+                pad_rank(old.detach(), r, axis).contiguous(), requires_grad=old.requires_grad
+            )
             setattr(owner, attr, grown)
-            for size, axis_of in (("out_features", 0), ("in_features", 1), ("out_channels", 0), ("in_channels", 1)):
+            for size, axis_of in (
+                ("out_features", 0),
+                ("in_features", 1),
+                ("out_channels", 0),
+                ("in_channels", 1),
+            ):
                 if path and hasattr(owner, size):  # keep nn.Linear's / nn.Conv2d's record of its shape true
                     setattr(owner, size, grown.shape[axis_of])
 
@@ -933,8 +942,8 @@ class Lora(Method):
     def padded_for_hotswap(
         self, config: LoraConfig, layers: dict[str, LayerAdapter], target_rank: int
     ) -> LoraConfig:
-        """Every layer at rank `target_rank`, each keeping its scale s: α = s·r (rsLoRA: s·√r), the most common
-        α as lora_alpha and the others in alpha_pattern under their module's name."""
+        """Every layer at rank `target_rank`, each keeping its scale s: α = s·r (rsLoRA: s·√r), the most
+        common α as lora_alpha and the others in alpha_pattern under their module's name."""
         alphas = {}
         for name, layer in layers.items():
             layer.pad_rank_to(target_rank, f"Layer {name!r}")
