@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .layer import SavedState, TunedLayer, check_fits, copy_strict, holders_in
+from .layer import SavedState, TunedLayer, check_fits, holders_in
 from .peft_model import PeftModel, _read_adapter
 from .registry import method_for
-from .serialization import _saved_state, adapter_tensors, held_base, split_adapter_weights
+from .serialization import _saved_state, adapter_tensors, load_parts, split_adapter_weights
 
 CHECK_COMPILED = ("error", "warn", "ignore")
 
@@ -138,12 +138,13 @@ def hotswap_adapter(
     held = adapter_tensors(peft_model, adapter_name)
     extra, missing = sorted(set(weights) - set(held)), sorted(set(held) - set(weights))
     if extra or missing:
-        problems = [f"{len(extra)} weights {adapter_name!r} has no place for (e.g. {extra[:2]})"] * bool(
-            extra
-        )
-        problems += [
-            f"none of the {len(missing)} weights {adapter_name!r} holds at e.g. {missing[:2]}"
-        ] * bool(missing)
+        problems = []
+        if extra:
+            problems.append(f"{len(extra)} weights {adapter_name!r} has no place for (e.g. {extra[:2]})")
+        if missing:
+            problems.append(
+                f"none of the {len(missing)} weights {adapter_name!r} holds at e.g. {missing[:2]}"
+            )
         raise ValueError(
             f"{refusal}: it adapts other layers; it has {' and '.join(problems)}. Swapping keeps the layers "
             "the compiled model runs; load it as another adapter with load_adapter instead."
@@ -163,11 +164,4 @@ def hotswap_adapter(
             tensors = owner.swapped_in(tensors, new_config, module_names.get(id(owner), ""), where)
         check_fits(_saved_state(owner), tensors, where)
         converted.append((prefix, owner, tensors))
-    for prefix, owner, tensors in converted:
-        if isinstance(owner, SavedState):
-            owner.load_saved(tensors, f"Adapter {adapter_name!r}: {prefix}")
-        else:
-            copy_strict(
-                dict(owner.state_dict(keep_vars=True)), tensors, f"Adapter {adapter_name!r}: {prefix}"
-            )
-    copy_strict(held_base(peft_model, base), base, f"Adapter {adapter_name!r}: ")
+    load_parts(peft_model, adapter_name, converted, base)

@@ -278,20 +278,24 @@ def _kind(tensor: torch.Tensor) -> str:
 
 
 def _load_adapter_weights(peft_model: PeftModel, name: str, weights: dict[str, torch.Tensor]) -> None:
-    parts, base = split_adapter_weights(peft_model, name, weights)
+    load_parts(peft_model, name, *split_adapter_weights(peft_model, name, weights))
+
+
+def load_parts(
+    peft_model: PeftModel,
+    name: str,
+    parts: list[tuple[str, nn.Module, dict[str, torch.Tensor]]],
+    base: dict[str, torch.Tensor],
+) -> None:
+    """Copy what `split_adapter_weights` returned into adapter `name`'s modules and the base parameters."""
     for prefix, owner, tensors in parts:
         where = f"Adapter {name!r}: {prefix}"
         if isinstance(owner, SavedState):
             owner.load_saved(tensors, where)
         else:
             copy_strict(dict(owner.state_dict(keep_vars=True)), tensors, where)
-    copy_strict(held_base(peft_model, base), base, f"Adapter {name!r}: ")
-
-
-def held_base(peft_model: PeftModel, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's own tensors under the keys of `base` (base parameters an adapter trains in place)."""
     everything = peft_model.state_dict(keep_vars=True)
-    return {key: everything[key] for key in base}
+    copy_strict({key: everything[key] for key in base}, base, f"Adapter {name!r}: ")
 
 
 def split_adapter_weights(

@@ -13,6 +13,7 @@ from pathlib import Path
 import hypothesis
 import pytest
 import torch
+import torch._dynamo
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
@@ -72,6 +73,15 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("peftkit robustness figures")
         for line in probes.FIGURES.lines():
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """The test compiles from nothing: dynamo's caches, and their recompile limit, are per code object, so
+    graphs of earlier tests' models (the same `forward` functions) would count against this test's."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @contextlib.contextmanager

@@ -29,6 +29,8 @@ from peftkit import (
     get_peft_model,
 )
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],

@@ -20,6 +20,8 @@ from peftkit import (
     prepare_model_for_compiled_hotswap,
 )
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 IDS = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3))
 
 

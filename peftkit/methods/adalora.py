@@ -369,9 +369,8 @@ class AdaLora(Lora):
     """LoRA's targeting and `bias` option, with SVD-form layers and a rank allocator."""
 
     config_class = AdaLoraConfig
-    # LoRA's weighted merge and rank padding do not apply to the P Λ Q form with its rank budget: refused
-    # (weighted merge) or nothing to pad (hot-swapping then takes an adapter of the same shapes), as for any
-    # method
+    # LoRA's weighted merge and rank padding do not apply to the P Λ Q form with its rank budget: as for any
+    # method, weighted merges are refused, and hot-swapping takes only an adapter of the same shapes
     weighted_config = Method.weighted_config
     padded_for_hotswap = Method.padded_for_hotswap
 

@@ -302,6 +302,7 @@ def test_merge_refuses_bad_combinations_with_a_message(two_causal_runs, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_train_compile_trains_as_eager_training_does(encoder_folder, sentiment_csv, tmp_path):
     """`--compile` hands the model to torch.compile through the Trainer (AOTAutograd here, as inductor
     traces it, without its slow C++ build): the same steps give the same adapter as eager training."""
