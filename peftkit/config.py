@@ -83,6 +83,8 @@ class PeftConfig:
     option_aliases: ClassVar[dict[str, str]] = {}
     # The learning rate `peftkit train` uses for this method unless told otherwise.
     default_learning_rate: ClassVar[float] = 1e-3
+    # The share of its optimizer steps over which `peftkit train` warms the learning rate up from 0.
+    default_warmup_fraction: ClassVar[float] = 0.06
     # Fields in which an adapter swapped in by `hotswap_adapter` may differ from the one it replaces: which
     # layers it adapts is checked on its weights instead, and a method adds what its layers absorb.
     swappable_fields: ClassVar[frozenset[str]] = frozenset(

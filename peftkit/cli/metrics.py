@@ -87,6 +87,24 @@ def answer_log_likelihoods(
     return sums, counts
 
 
+@torch.no_grad()
+def mean_loss(model: nn.Module, features: list[dict[str, Any]], pad_token_id: int, batch: int) -> float:
+    """The training loss over `features`, as one mean: per row for a classifier, per labelled token for a
+    causal LM (what the validation slice measures at each checkpoint)."""
+    collate, total, weight, device = Collator(pad_token_id), 0.0, 0, _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for inputs in _batches(features, collate, batch, "validating"):
+            labels = inputs["labels"]
+            count = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.dim() > 1 else len(labels)
+            total += model(**{k: v.to(device) for k, v in inputs.items()}).loss.item() * count
+            weight += count
+    finally:
+        model.train(was_training)
+    return total / max(weight, 1)
+
+
 def perplexity(log_likelihoods: list[float], counts: list[int]) -> float:
     """exp of the mean negative log-likelihood per answer token."""
     return math.exp(-sum(log_likelihoods) / max(1, sum(counts)))

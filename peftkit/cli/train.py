@@ -15,10 +15,12 @@ import importlib.metadata
 import json
 import math
 import os
+import resource
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,9 @@ from .data import (
     require_classes,
     split,
 )
-from .metrics import evaluate
+from .metrics import evaluate, mean_loss
 from .models import DEMO_DEFAULTS, is_causal_lm, load_model, load_tokenizer, model_folder
+from .schedule import plan, validation_rows
 
 RUN_FILE = "peftkit_run.json"
 TRAINING_STATE = "training_state.safetensors"
@@ -63,6 +66,8 @@ OUTPUT_LOCK = ".peftkit.lock"
 MODEL_ADAPTER_STATE = "model_adapter_state:"  # key prefix of model adapters' running state in TRAINING_STATE
 METRICS_FILE = "metrics.json"
 FULL = "full"
+FULL_WARMUP_FRACTION = 0.06  # full fine-tuning's warm-up share (each method's is its config's)
+FULL_LEARNING_RATE = 2e-5
 # Flags for the options most methods share; each maps to the config field of that name or alias.
 METHOD_FLAGS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens")
 
@@ -204,11 +209,49 @@ class AdapterTrainer(Trainer):
     It also guards the run: a step whose loss or gradient is not finite stops before its update, no
     checkpoint or adapter of non-finite weights is written, and a checkpoint appears whole or not at all."""
 
-    def __init__(self, *args: Any, learning_rates: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        learning_rates: dict[str, float] | None = None,
+        validate: Callable[[], float] | None = None,
+        patience: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.learning_rates = learning_rates or {}
         self.loss_total = 0.0  # the sum of every optimizer step's loss, kept in checkpoints
         self.staging: str | None = None
+        self.validate = validate  # the validation slice's loss, measured at each checkpoint
+        self.patience = patience
+        self.validation: list[dict[str, float]] = []  # {"step", "loss"} per checkpoint, kept in checkpoints
+        self.stopped_early = False
+
+    @property
+    def best_step(self) -> int | None:
+        """The step of the lowest validation loss so far (the earliest among equals), None without one."""
+        if not self.validation:
+            return None
+        return int(min(self.validation, key=lambda v: (v["loss"], v["step"]))["step"])
+
+    def record_validation(self) -> None:
+        """Measure the validation loss at this step; stop training after `patience` passes in a row that
+        did not improve on the best."""
+        loss = self.validate()
+        if not math.isfinite(loss):
+            raise self.stopped(f"at step {self.state.global_step}, the validation loss is {loss}", "there")
+        self.validation.append({"step": self.state.global_step, "loss": loss})
+        since_best = sum(v["step"] > self.best_step for v in self.validation)
+        if self.patience and since_best >= self.patience and self.state.global_step < self.state.max_steps:
+            self.stopped_early = True
+            self.control.should_training_stop = True
+
+    def restore_best(self) -> None:
+        """Put back the trainable weights of the best checkpoint, when it is not the last step's."""
+        best = self.best_step
+        if best is None or best == self.state.global_step:
+            return
+        folder = Path(super()._get_output_dir(None)) / f"checkpoint-{best}"
+        self.load_weights(str(folder), self.model)
 
     @property
     def train_loss(self) -> float:
@@ -263,10 +306,13 @@ class AdapterTrainer(Trainer):
         run_dir = Path(super()._get_output_dir(trial))
         staging, name = run_dir / STAGING, f"checkpoint-{self.state.global_step}"
         self.staging = str(staging)
+        if self.validate is not None and self.state.global_step not in [v["step"] for v in self.validation]:
+            self.record_validation()
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
-                write_json(staging / name / TRAINER_FILE, {"loss_total": self.loss_total})
+                tally = {"loss_total": self.loss_total, "validation": self.validation}
+                write_json(staging / name / TRAINER_FILE, tally | {"stopped_early": self.stopped_early})
         except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
             shutil.rmtree(staging, ignore_errors=True)
             raise OSError(
@@ -281,8 +327,10 @@ class AdapterTrainer(Trainer):
             if (run_dir / name).exists():  # an incomplete checkpoint of this step that resuming skipped
                 os.replace(run_dir / name, staging / f"{name}.replaced")
             os.replace(staging / name, run_dir / name)
+            best = f"checkpoint-{self.best_step}"
             for old in checkpoint_folders(run_dir)[: -self.args.save_total_limit]:
-                os.replace(old, staging / old.name)
+                if old.name != best:  # the best checkpoint stays until training ends
+                    os.replace(old, staging / old.name)
             shutil.rmtree(staging)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -318,7 +366,14 @@ class AdapterTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         tally = Path(resume_from_checkpoint) / TRAINER_FILE
         if tally.is_file():
-            self.loss_total = json.loads(tally.read_text())["loss_total"]
+            kept = json.loads(tally.read_text())
+            self.loss_total = kept["loss_total"]
+            self.validation = kept.get("validation", [])
+            self.stopped_early = kept.get("stopped_early", False)
+        self.load_weights(resume_from_checkpoint, model)
+
+    def load_weights(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The checkpoint's trainable weights, and its model adapters' running state, into the model."""
         model = self.accelerator.unwrap_model(model or self.model)
         if not isinstance(model, PeftModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -375,6 +430,23 @@ class LossProgressBar(TrainerCallback):
             self.bar = None
 
 
+class KeepBest(TrainerCallback):
+    """At the end of training, before the methods' own end-of-training work (diff pruning's projection),
+    put back the weights of the checkpoint with the lowest validation loss."""
+
+    trainer: AdapterTrainer | None = None
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer is not None:
+            self.trainer.restore_best()
+
+
+def peak_memory_bytes() -> int:
+    """This process's resident-set high-water mark (Linux reports it in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def checkpoint_folders(checkpoints: Path) -> list[Path]:
     """The `checkpoint-<step>` folders in `checkpoints`, oldest first."""
     found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
@@ -399,7 +471,10 @@ def last_checkpoint(checkpoints: Path, announce: bool = True) -> Path | None:
 
 
 def finished(checkpoint: Path, total_steps: int) -> bool:
-    """Whether a checkpoint was written after the run's last optimizer step."""
+    """Whether a checkpoint was written after the run's last optimizer step, or when it stopped early."""
+    tally = checkpoint / TRAINER_FILE
+    if tally.is_file() and json.loads(tally.read_text()).get("stopped_early"):
+        return True
     return json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"] >= total_steps
 
 
@@ -502,6 +577,7 @@ def train(args: argparse.Namespace, callbacks: list | None = None) -> dict[str, 
 
 def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool) -> dict[str, Any]:
     started = time.perf_counter()
+    train_seconds = 0.0  # in trainer.train, this call (a resumed run counts its own part)
     output = Path(args.output)
     checkpoints = output / "checkpoints"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -531,19 +607,39 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
     train_rows, test_rows = split(dataset.examples, args.test_fraction, args.seed)
     train_rows = train_rows[: args.max_train_examples]
     test_rows = test_rows[: args.max_eval_examples]
+    held = validation_rows(len(train_rows), args.validation_fraction, args.max_validation_examples)
+    valid_rows: list = []
+    if held:  # the same texts never on both sides, as in the held-out split
+        train_rows, valid_rows = split(train_rows, held / len(train_rows), args.seed + 1)
     labels = dataset.labels
     template = args.prompt_template or dataset.prompt_template
     tokenizer = load_tokenizer(folder, trust)
-    if task == "classification":
-        features = classification_features(train_rows, tokenizer, labels, args.max_length)
-    else:
-        features = causal_lm_features(train_rows, tokenizer, template, args.max_length)
+
+    def featurize(rows: list) -> list:
+        if not rows:
+            return []
+        if task == "classification":
+            return classification_features(rows, tokenizer, labels, args.max_length)
+        return causal_lm_features(rows, tokenizer, template, args.max_length)
+
+    features, valid = featurize(train_rows), featurize(valid_rows)
 
     global_batch = args.batch_size * world * args.grad_accum
     batches = math.ceil(len(features) / (args.batch_size * world))  # per process and epoch
     steps_per_epoch = max(1, math.ceil(batches / args.grad_accum))  # as the Trainer counts them
-    max_steps = args.max_steps or -1  # -1: the Trainer counts steps from --epochs
-    total_steps = max_steps if max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
+    first = method_choices()[method_names(args.method)[0]]
+    schedule = plan(
+        len(features),
+        global_batch,
+        steps_per_epoch,
+        args.epochs,
+        args.max_steps,
+        args.save_steps,
+        first.default_warmup_fraction if first else FULL_WARMUP_FRACTION,
+        len(valid),
+        args.patience,
+    )
+    total_steps = schedule.total_steps
 
     set_seed(args.seed)
     head_labels = labels if task == "classification" else None
@@ -564,7 +660,7 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         learning_rates = {n: args.lr or type(c).default_learning_rate for n, c in configs.items()}
         learning_rate = learning_rates["default"]
     else:
-        extra, learning_rate = [], args.lr or 2e-5
+        extra, learning_rate = [], args.lr or FULL_LEARNING_RATE
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -596,7 +692,9 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         if len(learning_rates) > 1:
             methods = method_names(args.method)
             rates = ", ".join(f"{lr:g} ({m})" for lr, m in zip(learning_rates.values(), methods, strict=True))
-        print(f"{total_steps} optimizer steps of {global_batch} rows, learning rate {rates}")
+        for line in schedule.describe():
+            print(line)
+        print(f"learning rate {rates}")
     before = previous.get("before")
     if before is None and main_process:
         before = evaluate(
@@ -612,14 +710,13 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=learning_rate,
-        num_train_epochs=args.epochs,
-        max_steps=max_steps,
-        warmup_steps=math.ceil(0.06 * total_steps),
+        max_steps=total_steps,
+        warmup_steps=schedule.warmup_steps,
         lr_scheduler_type="linear",
         weight_decay=0.0,
         logging_steps=args.logging_steps,
         save_strategy="steps",
-        save_steps=args.save_steps,
+        save_steps=schedule.eval_every,
         save_total_limit=2,
         seed=args.seed,
         data_seed=args.seed,
@@ -639,8 +736,13 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         args=training_args,
         train_dataset=features,
         data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=[progress := LossProgressBar(), *extra, *(callbacks or [])],
+        validate=(lambda: mean_loss(model, valid, tokenizer.pad_token_id, args.eval_batch_size))
+        if valid
+        else None,
+        patience=schedule.patience,
+        callbacks=[progress := LossProgressBar(), keep_best := KeepBest(), *extra, *(callbacks or [])],
     )
+    keep_best.trainer = trainer
     for unwanted in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(unwanted)
     # The Trainer passes num_items_in_batch to any forward taking **kwargs and then, under DDP, multiplies
@@ -651,8 +753,11 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         if resume_from and finished(resume_from, total_steps):  # the Trainer would train one step too many
             trainer._load_from_checkpoint(str(resume_from))
             trainer.state = TrainerState.load_from_json(str(resume_from / TRAINER_STATE))
+            trainer.restore_best()
         else:
+            training_started = time.perf_counter()
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            train_seconds = time.perf_counter() - training_started
     except RuntimeError as error:
         stop = lost_peer(error, checkpoints) if world > 1 else None
         if stop is None:
@@ -662,6 +767,7 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         progress.close()
     trainer.check_finite_weights("without saving them")
     train_loss = trainer.train_loss
+    steps_run = trainer.state.global_step - (int(resume_from.name[11:]) if resume_from else 0)
 
     try:
         if not main_process:
@@ -692,10 +798,22 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
             "train_loss": train_loss,
             "saved_bytes": size,
             "train_rows": len(train_rows),
+            "validation_rows": len(valid_rows),
             "held_out_rows": len(test_rows),
+            "schedule": schedule.as_dict(),
+            "validation": trainer.validation,
+            "best_step": trainer.best_step or trainer.state.global_step,
+            "stopped_early": trainer.stopped_early,
+            "train_seconds": round(train_seconds, 2),
+            "seconds_per_step": round(train_seconds / steps_run, 4) if steps_run > 0 else None,
+            "peak_memory_bytes": peak_memory_bytes(),
             "elapsed_seconds": round(time.perf_counter() - started, 1),
         }
         write_json(metrics_path, metrics)
+        if trainer.validation:
+            best = min(trainer.validation, key=lambda v: (v["loss"], v["step"]))
+            end = f"stopped early at step {trainer.state.global_step}" if trainer.stopped_early else "kept"
+            print(f"best validation loss {best['loss']:.4f} at step {best['step']} ({end})")
         print(f"held-out after training:  {format_metrics(after)}")
         what = "model" if args.method == FULL else "adapter"
         print(f"{what} saved to {output}: {size / 1024:,.0f} KiB ({', '.join(saved)})")

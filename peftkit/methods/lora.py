@@ -65,7 +65,7 @@ class LoraConfig(PeftConfig):
     """Low-rank adaptation. Field names and defaults are Hugging Face peft's."""
 
     peft_type: ClassVar[str] = "LORA"
-    default_learning_rate: ClassVar[float] = 5e-4
+    default_learning_rate: ClassVar[float] = 1e-3
 
     @classmethod
     def training_defaults(cls, total_steps: int) -> dict[str, Any]:
