@@ -25,7 +25,8 @@ from peftkit.cli.models import minilm  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--data", default="movie-reviews")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")

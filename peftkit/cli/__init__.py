@@ -79,25 +79,41 @@ def _method_options(parser: argparse.ArgumentParser, with_method: bool = True) -
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
+    from .schedule import (
+        MAX_EPOCHS,
+        MAX_VALIDATION_ROWS,
+        MIN_EPOCHS,
+        MIN_ROWS_SEEN,
+        MIN_VALIDATION_ROWS,
+        PATIENCE,
+        VALIDATION_FRACTION,
+    )
+
     run = parser.add_argument_group("training")
     run.add_argument(
         "--epochs",
         type=float,
-        help="passes over the training rows (default: enough to see 20,000 rows, 2 to 10 epochs)",
+        help=f"passes over the training rows (default: at least {MIN_EPOCHS}, and at least {MIN_ROWS_SEEN:,} "
+        f"rows seen, at most {MAX_EPOCHS})",
     )
     run.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     run.add_argument("--lr", type=float, help="default per method: 1e-3 LoRA, 3e-2 prompt tuning, ...")
     run.add_argument(
         "--validation-fraction",
         type=float,
-        help="share of the training rows held back to pick the best checkpoint and stop early (default 0.1, "
-        "none for sets under 500 rows; 0 turns it off)",
+        help=f"share of the training rows held back to pick the best checkpoint and stop early (default "
+        f"{VALIDATION_FRACTION}; none when that is under {MIN_VALIDATION_ROWS} rows; 0 turns it off)",
     )
-    run.add_argument("--max-validation-examples", type=int, default=500, help="at most this many (500)")
+    run.add_argument(
+        "--max-validation-examples",
+        type=int,
+        default=MAX_VALIDATION_ROWS,
+        help=f"at most {MAX_VALIDATION_ROWS}",
+    )
     run.add_argument(
         "--patience",
         type=int,
-        help="validation passes without improvement before training stops (default 3; 0: never early)",
+        help=f"validation passes without improvement before training stops (default {PATIENCE}; 0: never)",
     )
     run.add_argument("--batch-size", type=int, default=16, help="rows per process per step")
     run.add_argument("--grad-accum", type=int, default=1)
@@ -187,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--max-adapter-size", help="adapter on disk, e.g. 10MB")
     recommend.add_argument("--prefer", default="quality", choices=["quality", "memory", "speed", "size"])
     recommend.add_argument("--json", action="store_true", help="print one JSON object")
+    recommend.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
     evaluate = commands.add_parser("eval", help="score a trained adapter on held-out or other data")
     evaluate.add_argument("--adapter", required=True, help="a folder written by peftkit train (or peft)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -26,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import atomic_write
-from .train import FULL, METRICS_FILE, RUN_FILE, checkpoint_folders, method_choices, method_names
+from .train import (
+    FULL,
+    METHOD_FLAGS,
+    METRICS_FILE,
+    RUN_FILE,
+    checkpoint_folders,
+    method_choices,
+    method_names,
+)
 
 ARM_FILE = "arm.json"  # in each arm's seed folder: its status, error and inference timing, written last
 LOG_FILE = "train.log"
@@ -429,10 +438,14 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     """The results as one Markdown table, arms in order; mean ± spread where there are several seeds."""
     quality = quality_metric(results)
     names = [quality[0]] if quality else []
-    names += [n for n in ("f1",) if quality and any(n in r.get("metrics", {}) for r in results)]
+    names += [
+        n for n in ("f1", "perplexity") if n not in names and any(n in r.get("metrics", {}) for r in results)
+    ]
+    general = any("general_perplexity" in r for r in results)
     header = [
         "arm",
         *names,
+        *(["general-text perplexity, before → after"] if general else []),
         "trainable",
         "share",
         "adapter",
@@ -452,6 +465,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         for n in names:
             spread = r["metrics_spread"][n]
             cells.append(f"{r['metrics'][n]:.4f}" + (f" ± {spread:.4f}" if r["seeds_ok"] > 1 else ""))
+        if general:
+            ppl = r.get("general_perplexity")
+            cells.append(f"{ppl['before']:.2f} → {ppl['after']:.2f}" if ppl else "—")
         ratio = r["unmerged_over_merged"]
         cells += [
             f"{r['trainable_parameters']:,}",
@@ -545,7 +561,7 @@ def write_plots(output: Path, results: list[dict[str, Any]]) -> list[Path]:
 def train_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     """The options of `args` that differ from `parser`'s defaults, as `peftkit train` arguments, leaving out
     what compare sets per arm (--method, --output, --seed, --resume)."""
-    skip = {"method", "output", "seed", "resume", "command", "help"}
+    skip = {"method", "output", "seed", "resume", "command", "help", "set", *METHOD_FLAGS}
     argv: list[str] = []
     for action in parser._actions:
         if action.dest in skip or not action.option_strings:
@@ -564,11 +580,39 @@ def train_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return argv
 
 
+def takes(method: str, key: str) -> bool:
+    """Whether `method`'s config has the option `key` (or an alias of it); full fine-tuning has none."""
+    config_class = method_choices().get(method)
+    if config_class is None:
+        return False
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    return key in fields or config_class.option_aliases.get(key) in fields
+
+
+def shared_method_options(arm: Arm, args: argparse.Namespace) -> list[str]:
+    """The method flags (--r, --set ...) given to compare, as `train` options for the arms whose methods
+    take them: `compare --r 16` sets the rank of the LoRA arms and leaves IA3 alone."""
+    names = method_names(arm.method)
+    argv: list[str] = []
+    for flag in METHOD_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None and any(takes(n, flag) for n in names):
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    for item in args.set or []:
+        scope, dot, key = item.partition("=")[0].rpartition(".")
+        if (scope in names) if dot else any(takes(n, key) for n in names):
+            argv += ["--set", item]
+    return argv
+
+
 def run_compare(args: argparse.Namespace, train_parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
     """`peftkit compare` from its parsed options."""
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}.")
-    arms = choose_arms(args.methods, args.ranks, args.arm)
+    arms = [
+        Arm(a.name, (*shared_method_options(a, args), *a.options))
+        for a in choose_arms(args.methods, args.ranks, args.arm)
+    ]
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("The plots need matplotlib: pip install matplotlib (or pass --no-plots).")
     output = Path(args.output)

@@ -311,21 +311,36 @@ def require_classes(dataset: Dataset, task: str) -> None:
         )
 
 
-def split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, test): exact duplicates dropped, and every row with the same text (or prompt) on one side,
-    so that a question asked twice is never trained on and tested with. Deterministic in `seed`."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"--test-fraction must be between 0 and 1, got {test_fraction}.")
+def _text_groups(examples: list[Example], seed: int) -> list[list[Example]]:
+    """The rows by text (exact duplicates dropped), the groups in an order shuffled by `seed`."""
     groups: dict[str, list[Example]] = {}
     for example in dict.fromkeys(examples):  # in order, duplicates dropped
         groups.setdefault(example.text, []).append(example)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
-    held_out = max(1, math.ceil(len(keys) * test_fraction)) if len(keys) > 1 else 0
-    test = [e for k in keys[:held_out] for e in groups[k]]
-    train = [e for k in keys[held_out:] for e in groups[k]]
+    return [groups[k] for k in keys]
+
+
+def hold_out(examples: list[Example], count: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(rest, held): at most `count` rows held out, whole groups of one text at a time (as `split`)."""
+    rest: list[Example] = []
+    held: list[Example] = []
+    for group in _text_groups(examples, seed):
+        (held if len(held) + len(group) <= count and not rest else rest).extend(group)
+    return rest, held
+
+
+def split(examples: list[Example], test_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, test): exact duplicates dropped, and every row with the same text (or prompt) on one side,
+    so that a question asked twice is never trained on and tested with. Deterministic in `seed`."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"--test-fraction must be between 0 and 1, got {test_fraction}.")
+    groups = _text_groups(examples, seed)
+    held_out = max(1, math.ceil(len(groups) * test_fraction)) if len(groups) > 1 else 0
+    test = [e for g in groups[:held_out] for e in g]
+    train = [e for g in groups[held_out:] for e in g]
     if not train or not test:
-        raise ValueError(f"{len(keys)} distinct texts are too few to hold out a test split; add rows.")
+        raise ValueError(f"{len(groups)} distinct texts are too few to hold out a test split; add rows.")
     return train, test
 
 

@@ -186,7 +186,10 @@ def nothing_fits(measured: list[dict[str, Any]], checks: list[tuple[str, str, fl
     return {
         "arm": None,
         "reason": f"No arm fits every limit. The closest is {closest['arm']}: raise {steps}.",
-        "relax": {flag.lstrip("-").replace("-", "_"): value for flag, value in relax.items()},
+        "relax": {  # in the flags' units: bytes, minutes
+            flag.lstrip("-").replace("-", "_"): value / 60 if keys[flag] == "train_seconds" else value
+            for flag, value in relax.items()
+        },
         "closest_arm": closest["arm"],
         "runners_up": [],
     }

@@ -2,8 +2,9 @@
 the data, not constants tuned on one set (the README's "Defaults that follow the data" gives the runs that
 chose them).
 
-- **Length.** At least `MIN_ROWS_SEEN` training rows over the run, and at least `MIN_EPOCHS` epochs: a set
-  of 2,000 rows trains 10 epochs, one of 10,000 rows 2. `--epochs` or `--max-steps` replaces this.
+- **Length.** At least `MIN_ROWS_SEEN` training rows over the run, and at least `MIN_EPOCHS` epochs (at
+  most `MAX_EPOCHS`): a set of 1,000 training rows trains 6 epochs, one of 3,000 rows or more 2.
+  `--epochs` or `--max-steps` replaces this.
 - **Validation.** A slice of the training rows (`VALIDATION_FRACTION`, at most `MAX_VALIDATION_ROWS`) is
   held back; its loss is measured `EVALUATIONS` times over the run, at each checkpoint. The checkpoint of
   the lowest loss is the one saved at the end, and training stops once `PATIENCE` passes in a row bring
@@ -36,7 +37,8 @@ def validation_rows(rows: int, fraction: float | None, cap: int) -> int:
     None), at most `cap`; 0 when the default would leave fewer than MIN_VALIDATION_ROWS."""
     if fraction is not None and not 0 <= fraction < 1:
         raise ValueError(f"--validation-fraction must be at least 0 and below 1, got {fraction}.")
-    wanted = min(cap, math.ceil(rows * (VALIDATION_FRACTION if fraction is None else fraction)))
+    share = rows * (VALIDATION_FRACTION if fraction is None else fraction)
+    wanted = min(cap, math.ceil(round(share, 9)))  # 100 × 0.07 is 7.000000000000001 in floating point
     if fraction is None and wanted < MIN_VALIDATION_ROWS:
         return 0
     return wanted if wanted < rows else 0

@@ -49,6 +49,7 @@ from .data import (
     Dataset,
     causal_lm_features,
     classification_features,
+    hold_out,
     load_dataset,
     require_classes,
     split,
@@ -610,7 +611,7 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
     held = validation_rows(len(train_rows), args.validation_fraction, args.max_validation_examples)
     valid_rows: list = []
     if held:  # the same texts never on both sides, as in the held-out split
-        train_rows, valid_rows = split(train_rows, held / len(train_rows), args.seed + 1)
+        train_rows, valid_rows = hold_out(train_rows, held, args.seed + 1)
     labels = dataset.labels
     template = args.prompt_template or dataset.prompt_template
     tokenizer = load_tokenizer(folder, trust)
