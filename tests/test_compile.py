@@ -61,7 +61,7 @@ VIRTUAL_METHODS: dict[str, Callable[[str], PeftConfig]] = {
 METHODS = LAYER_METHODS | VIRTUAL_METHODS
 NO_BIAS = {"llama"}  # built with bias=False: nothing for BitFit to train
 # CI runs every method on Llama, and these on GPT-2 and BERT; the rest of the matrix runs with --long.
-CI_ELSEWHERE = {"lora", "dora", "ia3", "prefix_tuning"}
+CI_ELSEWHERE = {"lora", "dora"}
 
 
 def matrix(methods: dict[str, Callable[[str], PeftConfig]], elsewhere: set[str] = CI_ELSEWHERE) -> list:
@@ -109,7 +109,7 @@ def test_one_adapter_traces_as_one_graph(kind, method, training):
     assert graph_breaks(build(kind, method), training, **batch(kind)) == []
 
 
-@pytest.mark.parametrize(("kind", "method"), matrix(LAYER_METHODS, elsewhere={"lora"}))
+@pytest.mark.parametrize(("kind", "method"), matrix(LAYER_METHODS, elsewhere=set()))
 def test_several_active_adapters_trace_as_one_graph(kind, method):
     model = build(kind, method, ("a", "b"))
     model.set_adapter(["a", "b"])
@@ -126,7 +126,7 @@ def test_virtual_tokens_with_lora_trace_as_one_graph(kind, method):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize(("kind", "method"), matrix(LAYER_METHODS, elsewhere={"lora"}))
+@pytest.mark.parametrize(("kind", "method"), matrix(LAYER_METHODS, elsewhere=set()))
 def test_mixed_batch_traces_as_one_graph(kind, method, training, request):
     if training and method not in ("lora", "dora", "ia3") and not request.config.getoption("--long"):
         pytest.skip("a long case: run it with --long (mixed batches in training, beyond LoRA, DoRA, IA3)")

@@ -3,7 +3,7 @@ the data, not constants tuned on one set (the README's "Defaults that follow the
 chose them).
 
 - **Length.** At least `MIN_ROWS_SEEN` training rows over the run, and at least `MIN_EPOCHS` epochs (at
-  most `MAX_EPOCHS`): a set of 1,000 training rows trains 6 epochs, one of 3,000 rows or more 2.
+  most `MAX_EPOCHS`): a set of 1,000 training rows trains 10 epochs, 2,000 rows 5, 5,000 or more 2.
   `--epochs` or `--max-steps` replaces this.
 - **Validation.** A slice of the training rows (`VALIDATION_FRACTION`, at most `MAX_VALIDATION_ROWS`) is
   held back; its loss is measured `EVALUATIONS` times over the run, at each checkpoint. The checkpoint of
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-MIN_ROWS_SEEN = 6_000
+MIN_ROWS_SEEN = 10_000
 MIN_EPOCHS = 2
 MAX_EPOCHS = 10
 VALIDATION_FRACTION = 0.1
@@ -34,13 +34,13 @@ def default_epochs(rows: int) -> float:
 
 def validation_rows(rows: int, fraction: float | None, cap: int) -> int:
     """How many of `rows` training rows to hold back for validation: `fraction` of them (the default's when
-    None), at most `cap`; 0 when the default would leave fewer than MIN_VALIDATION_ROWS."""
+    None), at most `cap`; 0 when the default's share would be fewer than MIN_VALIDATION_ROWS rows."""
     if fraction is not None and not 0 <= fraction < 1:
         raise ValueError(f"--validation-fraction must be at least 0 and below 1, got {fraction}.")
-    share = rows * (VALIDATION_FRACTION if fraction is None else fraction)
-    wanted = min(cap, math.ceil(round(share, 9)))  # 100 × 0.07 is 7.000000000000001 in floating point
-    if fraction is None and wanted < MIN_VALIDATION_ROWS:
+    share = math.ceil(round(rows * (VALIDATION_FRACTION if fraction is None else fraction), 9))  # 100 × 0.07
+    if fraction is None and share < MIN_VALIDATION_ROWS:  # is 7.000000000000001 in floating point
         return 0
+    wanted = min(cap, share)
     return wanted if wanted < rows else 0
 
 

@@ -38,16 +38,16 @@ def train_argv(model, data, output, *extra) -> list[str]:
     [
         (0, 10),  # no rows: the most epochs, not a division by zero
         (1, 10),
-        (100, 10),  # 6,000 / 100 = 60, capped at 10
-        (600, 10),  # exactly 10
-        (1_000, 6.0),
-        (1_234, 4.86),  # 4.8622... to two decimals
-        (2_500, 2.4),
-        (3_000, 2.0),  # exactly the floor
-        (10_000, 2),  # 0.6, raised to 2
+        (100, 10),  # 10,000 / 100 = 100, capped at 10
+        (1_000, 10),  # exactly 10
+        (1_234, 8.1),  # 8.1037... to two decimals
+        (2_500, 4.0),
+        (3_000, 3.33),
+        (5_000, 2.0),  # exactly the floor
+        (10_000, 2),  # 1.0, raised to 2
     ],
 )
-def test_default_epochs_see_six_thousand_rows_within_two_to_ten_epochs(rows, epochs):
+def test_default_epochs_see_ten_thousand_rows_within_two_to_ten_epochs(rows, epochs):
     assert default_epochs(rows) == epochs
 
 
@@ -98,19 +98,19 @@ def test_a_validation_fraction_outside_zero_to_one_is_refused(fraction):
 
 
 def test_plan_from_the_rows_alone():
-    """2,000 rows, 16 a step, 125 steps an epoch: 3 epochs (6,000 rows), 375 steps, a checkpoint and
-    validation every ceil(375 / 10) = 38 steps, warm-up ceil(0.06 * 375) = 23, patience 3."""
+    """2,000 rows, 16 a step, 125 steps an epoch: 5 epochs (10,000 rows), 625 steps, a checkpoint and
+    validation every ceil(625 / 10) = 63 steps, warm-up ceil(0.06 * 625) = 38, patience 3."""
     schedule = plan(2_000, 16, 125, None, None, None, 0.06, 200, None)
     assert schedule == Schedule(
         rows=2_000,
         rows_per_step=16,
-        epochs=3.0,
-        total_steps=375,
-        warmup_steps=23,
-        eval_every=38,
+        epochs=5.0,
+        total_steps=625,
+        warmup_steps=38,
+        eval_every=63,
         validation_rows=200,
         patience=3,
-        length_from="at least 6,000 rows seen",
+        length_from="at least 10,000 rows seen",
     )
     assert Schedule(**schedule.as_dict()) == schedule
 
@@ -141,8 +141,8 @@ def test_plan_for_a_tiny_set_and_no_validation():
 def test_describe_says_the_length_and_what_is_kept():
     with_slice = plan(2_000, 16, 125, None, None, None, 0.06, 200, None)
     assert with_slice.describe() == [
-        "375 optimizer steps of 16 rows (3 epochs of 2000 rows, at least 6,000 rows seen), warm-up 23 steps",
-        "validation: 200 rows held out of training, loss every 38 steps; the best checkpoint is kept, stops "
+        "625 optimizer steps of 16 rows (5 epochs of 2000 rows, at least 10,000 rows seen), warm-up 38 steps",
+        "validation: 200 rows held out of training, loss every 63 steps; the best checkpoint is kept, stops "
         "after 3 without improvement",
     ]
     never_stops = plan(2_000, 16, 125, None, 100, 10, 0.06, 200, 0)
