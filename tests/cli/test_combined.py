@@ -73,8 +73,8 @@ def test_a_combination_trains_saves_evaluates_and_merges(encoder_folder, sentime
     recorder = RecordOptimizer()
     metrics = train(build_parser().parse_args([str(a) for a in argv]), callbacks=[recorder])
     printed = capsys.readouterr().out
-    assert "learning rate 0.0005 (lora), 0.003 (ia3)" in printed
-    assert recorder.rates == [5e-4, 3e-3]
+    assert "learning rate 0.001 (lora), 0.003 (ia3)" in printed
+    assert recorder.rates == [1e-3, 3e-3]
     base = load_model(encoder_folder, "classification", ["neg", "pos"])
     model = PeftModel.from_composition(base, str(output))
     assert model.active_adapters == ["default", "ia3"]
