@@ -107,8 +107,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-validation-examples",
         type=int,
-        default=MAX_VALIDATION_ROWS,
-        help=f"at most {MAX_VALIDATION_ROWS}",
+        help=f"at most this many (default {MAX_VALIDATION_ROWS})",
     )
     run.add_argument(
         "--patience",

@@ -75,7 +75,7 @@ def smollm2() -> Path:
 BUILTIN_MODELS = {"minilm": minilm, "smollm2": smollm2}
 # Run lengths that keep a built-in model's demo to minutes on a laptop CPU, where the user sets none:
 # SmolLM2 takes about 2 s a step of 16 rows and 0.1 s a held-out row on 2 cores.
-DEMO_DEFAULTS = {"smollm2": {"max_steps": 150, "max_eval_examples": 300}}
+DEMO_DEFAULTS = {"smollm2": {"max_steps": 150, "max_eval_examples": 300, "max_validation_examples": 100}}
 
 
 CODE_NAMING_FILES = ("config.json", "tokenizer_config.json")  # their "auto_map" names code to import

@@ -75,6 +75,11 @@ def load_results(results: str | Path | None, model: str = "minilm") -> tuple[lis
             f"No measured table ships for {model!r} (only {', '.join(SHIPPED)}); pass --results."
         )
     table = resources.files("peftkit").joinpath(f"data/measured/{SHIPPED[model]}")
+    if not table.is_file():
+        raise ValueError(
+            f"No measured table for {model!r} ships with this copy of peftkit; run peftkit compare --model "
+            f"{model} and pass its folder with --results."
+        )
     return json.loads(table.read_text()), f"the table shipped with peftkit ({SHIPPED[model]})"
 
 

@@ -56,7 +56,7 @@ from .data import (
 )
 from .metrics import evaluate, mean_loss
 from .models import DEMO_DEFAULTS, is_causal_lm, load_model, load_tokenizer, model_folder
-from .schedule import plan, validation_rows
+from .schedule import MAX_VALIDATION_ROWS, plan, validation_rows
 
 RUN_FILE = "peftkit_run.json"
 TRAINING_STATE = "training_state.safetensors"
@@ -608,7 +608,8 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
     train_rows, test_rows = split(dataset.examples, args.test_fraction, args.seed)
     train_rows = train_rows[: args.max_train_examples]
     test_rows = test_rows[: args.max_eval_examples]
-    held = validation_rows(len(train_rows), args.validation_fraction, args.max_validation_examples)
+    cap = MAX_VALIDATION_ROWS if args.max_validation_examples is None else args.max_validation_examples
+    held = validation_rows(len(train_rows), args.validation_fraction, cap)
     valid_rows: list = []
     if held:  # the same texts never on both sides, as in the held-out split
         train_rows, valid_rows = hold_out(train_rows, held, args.seed + 1)
