@@ -66,6 +66,8 @@ STAGING = ".partial"  # under checkpoints/: a checkpoint being written, renamed 
 OUTPUT_LOCK = ".peftkit.lock"
 MODEL_ADAPTER_STATE = "model_adapter_state:"  # key prefix of model adapters' running state in TRAINING_STATE
 METRICS_FILE = "metrics.json"
+# metrics.json's figures of the machine rather than of the run: they differ between identical runs.
+MACHINE_FIGURES = ("elapsed_seconds", "train_seconds", "seconds_per_step", "peak_memory_bytes")
 FULL = "full"
 FULL_WARMUP_FRACTION = 0.06  # full fine-tuning's warm-up share (each method's is its config's)
 FULL_LEARNING_RATE = 2e-5
