@@ -35,13 +35,13 @@ from .train import (
     checkpoint_folders,
     method_choices,
     method_names,
+    write_json,
 )
 
 ARM_FILE = "arm.json"  # in each arm's seed folder: its status, error and inference timing, written last
 LOG_FILE = "train.log"
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "results.json", "results.csv", "results.md"
 DEFAULT_RANKS = (4, 8, 16, 64)
-LORA_DEFAULT_RANK = 8
 # Arms by name beyond the method names themselves: a method with the options that make it a variant.
 PRESETS: dict[str, list[str]] = {
     "dora": ["--method", "lora", "--set", "use_dora=true"],
@@ -98,7 +98,9 @@ def default_arm_names() -> list[str]:
 
 
 def rank_arm_name(rank: int) -> str:
-    return "lora" if rank == LORA_DEFAULT_RANK else f"lora-r{rank}"
+    """`lora` for LoRA's own default rank (its config's training default), else `lora-r<rank>`."""
+    default_rank = method_choices()["lora"].training_defaults(0)["r"]
+    return "lora" if rank == default_rank else f"lora-r{rank}"
 
 
 def choose_arms(methods: str | None, ranks: str | None, specs: list[str] | None) -> list[Arm]:
@@ -406,10 +408,6 @@ def quality_metric(results: list[dict[str, Any]]) -> tuple[str, bool] | None:
         if name in names:
             return name, higher
     return names[0], True
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(str(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_results(output: Path, results: list[dict[str, Any]]) -> None:

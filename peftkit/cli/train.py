@@ -525,7 +525,7 @@ def folder_size(folder: Path, names: list[str]) -> int:
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Any) -> None:
     atomic_write(str(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
