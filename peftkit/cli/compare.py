@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ from .train import (
 
 ARM_FILE = "arm.json"  # in each arm's seed folder: its status, error and inference timing, written last
 LOG_FILE = "train.log"
+# In the comparison's folder: the base model's perplexity on the general text, the same for every arm and
+# seed, so measured by the first arm and read by the rest (with the model and length it was measured at).
+BASE_GENERAL_FILE = "base_general_perplexity.json"
 RESULTS_JSON, RESULTS_CSV, RESULTS_MD = "results.json", "results.csv", "results.md"
 DEFAULT_RANKS = (4, 8, 16, 64)
 # Arms by name beyond the method names themselves: a method with the options that make it a variant.
@@ -155,7 +159,8 @@ def run_arm(argv: list[str]) -> int:
 
 def inference_timing(args: argparse.Namespace, batches: int = 5) -> dict[str, Any]:
     """Median forward time over one batch of held-out rows, unmerged and merged (`merge_adapter`); whether
-    the method merges. Also, for a causal LM, the perplexity of the general text before and after."""
+    the method merges. Also, for a causal LM, the perplexity of the general text after training and
+    before it (the base model's, measured once per comparison: BASE_GENERAL_FILE)."""
     import torch
 
     from ..layer import NotMergeableError
@@ -212,14 +217,30 @@ def inference_timing(args: argparse.Namespace, batches: int = 5) -> dict[str, An
             {"input_ids": ids, "labels": ids}
             for ids in (tokenizer(t)["input_ids"][: args.max_length] for t in general)
         ]
-        base = load_model(folder, task, None, args.seed, None, args.trust_remote_code).eval()
-        record["general_perplexity"] = {
-            "before": perplexity(
-                *answer_log_likelihoods(base, load_tokenizer(folder), tokens, args.eval_batch_size)
-            ),
-            "after": perplexity(*answer_log_likelihoods(model, tokenizer, tokens, args.eval_batch_size)),
-        }
+        after = perplexity(*answer_log_likelihoods(model, tokenizer, tokens, args.eval_batch_size))
+        del model
+
+        def measure_base() -> float:
+            base = load_model(folder, task, None, args.seed, None, args.trust_remote_code).eval()
+            scores = answer_log_likelihoods(base, load_tokenizer(folder), tokens, args.eval_batch_size)
+            return perplexity(*scores)
+
+        key = {"model": str(folder), "max_length": args.max_length, "sentences": len(general)}
+        before = _shared_figure(output.parents[2] / BASE_GENERAL_FILE, key, measure_base)
+        record["general_perplexity"] = {"before": before, "after": after}
     return record
+
+
+def _shared_figure(path: Path, key: dict[str, Any], measure: Callable[[], float]) -> float:
+    """The figure stored at `path` under `key`, measured (and stored) when absent or stored for another
+    key."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["value"]
+    value = measure()
+    write_json(path, {"key": key, "value": value})
+    return value
 
 
 def general_text() -> list[str]:

@@ -44,8 +44,17 @@ def _normalise(text: str) -> str:
 
 
 def _batches(features: list[dict[str, Any]], collate: Collator, size: int, desc: str):
-    for start in tqdm(range(0, len(features), size), desc=desc, leave=False, disable=len(features) <= size):
-        yield collate(features[start : start + size])
+    """Batches of `features` taken in order of length, so that each pads to little more than its own rows;
+    each comes with the positions of its rows in `features`."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in tqdm(range(0, len(order), size), desc=desc, leave=False, disable=len(order) <= size):
+        rows = order[start : start + size]
+        yield rows, collate([features[i] for i in rows])
+
+
+def _in_place(rows: list[int], values: list[Any], into: list[Any]) -> None:
+    for row, value in zip(rows, values, strict=True):
+        into[row] = value
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -57,11 +66,11 @@ def classifier_metrics(
     model: nn.Module, tokenizer: Any, examples: list[Example], labels: list[str], max_length: int, batch: int
 ) -> dict[str, float]:
     features = classification_features(examples, tokenizer, labels, max_length)
-    collate, predicted, device = Collator(tokenizer.pad_token_id), [], _device(model)
-    for inputs in _batches(features, collate, batch, "evaluating"):
+    collate, predicted, device = Collator(tokenizer.pad_token_id), [0] * len(features), _device(model)
+    for rows, inputs in _batches(features, collate, batch, "evaluating"):
         inputs.pop("labels")
         logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
-        predicted += logits.argmax(-1).tolist()
+        _in_place(rows, logits.argmax(-1).tolist(), predicted)
     actual = [f["labels"] for f in features]
     return {
         "accuracy": sum(p == a for p, a in zip(predicted, actual, strict=True)) / len(actual),
@@ -74,16 +83,17 @@ def answer_log_likelihoods(
     model: nn.Module, tokenizer: Any, features: list[dict[str, Any]], batch: int, desc: str = "evaluating"
 ) -> tuple[list[float], list[int]]:
     """For each feature, the summed log-probability of its labelled tokens and how many there are."""
-    collate, sums, counts, device = Collator(tokenizer.pad_token_id), [], [], _device(model)
-    for inputs in _batches(features, collate, batch, desc):
+    collate, device = Collator(tokenizer.pad_token_id), _device(model)
+    sums, counts = [0.0] * len(features), [0] * len(features)
+    for rows, inputs in _batches(features, collate, batch, desc):
         labels = inputs.pop("labels").to(device)
         logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float()
         targets = labels[:, 1:]
         log_probs = -F.cross_entropy(
             logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
         ).masked_fill(targets == IGNORE_INDEX, 0.0)
-        sums += log_probs.sum(1).tolist()
-        counts += (targets != IGNORE_INDEX).sum(1).tolist()
+        _in_place(rows, log_probs.sum(1).tolist(), sums)
+        _in_place(rows, (targets != IGNORE_INDEX).sum(1).tolist(), counts)
     return sums, counts
 
 
@@ -95,7 +105,7 @@ def mean_loss(model: nn.Module, features: list[dict[str, Any]], pad_token_id: in
     was_training = model.training
     model.eval()
     try:
-        for inputs in _batches(features, collate, batch, "validating"):
+        for _, inputs in _batches(features, collate, batch, "validating"):
             labels = inputs["labels"]
             count = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.dim() > 1 else len(labels)
             total += model(**{k: v.to(device) for k, v in inputs.items()}).loss.item() * count
@@ -146,13 +156,14 @@ def generation_metrics(
     collate, device = Collator(tokenizer.pad_token_id, padding_side="left"), _device(model)
     longest = max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in examples)
     prompts = [{"input_ids": tokenizer(e.text)["input_ids"][-max_length:]} for e in examples]
-    answers = []
-    for inputs in _batches(prompts, collate, batch, "generating"):
+    answers = [""] * len(prompts)
+    for rows, inputs in _batches(prompts, collate, batch, "generating"):
         inputs = {k: v.to(device) for k, v in inputs.items()}
         output = model.generate(
             **inputs, max_new_tokens=longest + 8, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        _in_place(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), answers)
     pairs = [(a.strip(), e.response.strip()) for a, e in zip(answers, examples, strict=True)]
     return {
         "exact_match": sum(_normalise(a) == _normalise(r) for a, r in pairs) / len(pairs),

@@ -2,8 +2,9 @@
 the data, not constants tuned on one set (the README's "Defaults that follow the data" gives the runs that
 chose them).
 
-- **Length.** At least `MIN_ROWS_SEEN` training rows over the run, and at least `MIN_EPOCHS` epochs (at
-  most `MAX_EPOCHS`): a set of 1,000 training rows trains 10 epochs, 2,000 rows 5, 5,000 or more 2.
+- **Length.** At least `MIN_ROWS_SEEN` training rows over the run, and at least `MIN_EPOCHS` epoch (at
+  most `MAX_EPOCHS`): a set of 1,000 training rows trains 10 epochs, 2,000 rows 5, 5,000 rows 2, 10,000
+  or more 1.
   `--epochs` or `--max-steps` replaces this.
 - **Validation.** A slice of the training rows (`VALIDATION_FRACTION`, at most `MAX_VALIDATION_ROWS`) is
   held back; its loss is measured `EVALUATIONS` times over the run, at each checkpoint. The checkpoint of
@@ -18,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 
 MIN_ROWS_SEEN = 10_000
-MIN_EPOCHS = 2
+MIN_EPOCHS = 1
 MAX_EPOCHS = 10
 VALIDATION_FRACTION = 0.1
 MAX_VALIDATION_ROWS = 500

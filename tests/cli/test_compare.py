@@ -7,21 +7,27 @@ import contextlib
 import csv
 import io
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.cli import build_parser, main, train_parser
 from peftkit.cli.compare import (
+    BASE_GENERAL_FILE,
     PLOTS,
     Arm,
+    _shared_figure,
     arm_from_name,
     arm_from_spec,
     choose_arms,
     collect,
     default_arm_names,
+    general_text,
     human_bytes,
     markdown_table,
     pareto_front,
@@ -219,6 +225,46 @@ def test_seeds_must_be_at_least_one(encoder_folder, sentiment_csv, tmp_path, cap
     assert cli(*argv, "--methods", "lora", "--seeds", 0) == 2
     assert "--seeds must be at least 1, got 0." in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_causal_lm_comparison_measures_the_base_general_perplexity_once(
+    causal_folder, sentiment_csv, tmp_path
+):
+    """Both seeds' "before" is the one stored in BASE_GENERAL_FILE, and that is exp of the mean token
+    negative log-likelihood of the base model on the general text, computed here one sentence at a time."""
+    output = tmp_path / "lm"
+    argv = ["compare", "--model", causal_folder, "--data", sentiment_csv, "--output", output, "--no-plots"]
+    argv += ["--methods", "lora", "--seeds", 2, "--max-steps", 2, "--batch-size", 8, "--max-eval-examples", 8]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        assert cli(*argv) == 0
+    stored = json.loads((output / BASE_GENERAL_FILE).read_text())
+    runs = [json.loads((output / "arms" / "lora" / f"seed-{s}" / "arm.json").read_text()) for s in (0, 1)]
+    assert [r["general_perplexity"]["before"] for r in runs] == [stored["value"]] * 2
+    assert stored["key"]["max_length"] == 128 and stored["key"]["sentences"] == len(general_text())
+    tokenizer = AutoTokenizer.from_pretrained(causal_folder)
+    model = AutoModelForCausalLM.from_pretrained(causal_folder).eval()
+    total, count = 0.0, 0
+    for text in general_text():
+        ids = torch.tensor([tokenizer(text)["input_ids"][:128]])
+        with torch.no_grad():
+            total += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    assert stored["value"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert results_of(output)["lora"]["general_perplexity"]["before"] == stored["value"]
+
+
+def test_a_shared_figure_is_measured_once_per_key(tmp_path):
+    path, measured = tmp_path / "figure.json", []
+
+    def measure() -> float:
+        measured.append(len(measured) + 1.5)
+        return measured[-1]
+
+    assert _shared_figure(path, {"model": "a"}, measure) == 1.5
+    assert _shared_figure(path, {"model": "a"}, measure) == 1.5  # read back, not measured again
+    assert _shared_figure(path, {"model": "b"}, measure) == 2.5  # another key: measured anew
+    assert measured == [1.5, 2.5] and json.loads(path.read_text()) == {"key": {"model": "b"}, "value": 2.5}
 
 
 # ---- arms ------------------------------------------------------------------------------------------

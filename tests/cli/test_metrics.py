@@ -9,8 +9,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftkit.cli.data import Example, causal_lm_features
-from peftkit.cli.metrics import answer_log_likelihoods, label_choice_metrics, macro_f1, perplexity, rouge_l
+from peftkit.cli.data import Collator, Example, causal_lm_features
+from peftkit.cli.metrics import (
+    _batches,
+    answer_log_likelihoods,
+    label_choice_metrics,
+    macro_f1,
+    perplexity,
+    rouge_l,
+)
 
 
 def test_macro_f1_by_hand():
@@ -26,12 +33,21 @@ def test_rouge_l_by_hand():
     assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0 and rouge_l("a b", "c d") == 0.0
 
 
+def test_batches_group_rows_by_length_and_name_their_positions():
+    features = [{"input_ids": list(range(1, n + 1))} for n in (5, 1, 3, 2, 4)]
+    batches = list(_batches(features, Collator(0), 2, "test"))
+    assert [rows for rows, _ in batches] == [[1, 3], [2, 4], [0]]
+    assert batches[0][1]["input_ids"].tolist() == [[1, 0], [1, 2]]  # padded to 2 tokens, not 5
+    assert batches[2][1]["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+
+
 def test_answer_log_likelihoods_match_a_direct_computation(causal_folder):
     tokenizer = AutoTokenizer.from_pretrained(causal_folder)
     model = AutoModelForCausalLM.from_pretrained(causal_folder).eval()
-    examples = [Example("the film was good", "positive"), Example("dull", "negative")]
+    texts = ["the film was good", "dull", "a fun and good film to see", "bad film", "good"]
+    examples = [Example(t, "positive" if i % 2 else "negative") for i, t in enumerate(texts)]
     features = causal_lm_features(examples, tokenizer, "review: {text} sentiment:", 32)
-    sums, counts = answer_log_likelihoods(model, tokenizer, features, batch=2)
+    sums, counts = answer_log_likelihoods(model, tokenizer, features, batch=2)  # batches by length
     for feature, total, count in zip(features, sums, counts, strict=True):
         ids = torch.tensor([feature["input_ids"]])
         with torch.no_grad():

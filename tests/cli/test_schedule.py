@@ -43,11 +43,13 @@ def train_argv(model, data, output, *extra) -> list[str]:
         (1_234, 8.1),  # 8.1037... to two decimals
         (2_500, 4.0),
         (3_000, 3.33),
-        (5_000, 2.0),  # exactly the floor
-        (10_000, 2),  # 1.0, raised to 2
+        (5_000, 2.0),
+        (9_009, 1.11),  # the built-in reviews' training rows: 10,000 rows seen
+        (10_000, 1.0),  # exactly the floor
+        (40_000, 1),  # 0.25, raised to one epoch
     ],
 )
-def test_default_epochs_see_ten_thousand_rows_within_two_to_ten_epochs(rows, epochs):
+def test_default_epochs_see_ten_thousand_rows_within_one_to_ten_epochs(rows, epochs):
     assert default_epochs(rows) == epochs
 
 
