@@ -414,7 +414,11 @@ def summarize(arm: Arm, runs: list[dict[str, Any]]) -> dict[str, Any]:
             w: mean([r["general_perplexity"][w] for r in ok]) for w in ("before", "after")
         }
     row["runs"] = [
-        {"seed_folder": r["folder"], "metrics": t["after"]} for r, t in zip(ok, trained, strict=True)
+        {
+            "seed_folder": Path(r["folder"]).relative_to(Path(r["folder"]).parents[2]).as_posix(),
+            "metrics": t["after"],
+        }
+        for r, t in zip(ok, trained, strict=True)
     ]
     return row
 

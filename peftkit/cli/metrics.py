@@ -88,6 +88,7 @@ def answer_log_likelihoods(
     for rows, inputs in _batches(features, collate, batch, desc):
         labels = inputs.pop("labels").to(device)
         logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float()
+        logits = logits[:, -labels.shape[1] :]  # soft-prompt methods prepend positions for their tokens
         targets = labels[:, 1:]
         log_probs = -F.cross_entropy(
             logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"

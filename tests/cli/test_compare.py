@@ -112,9 +112,7 @@ def test_the_figures_are_the_runs_own(comparison):
     results = results_of(output)
     for arm in ("lora", "ia3"):
         row, runs = results[arm], [seed_metrics(output, arm, s) for s in (0, 1)]
-        assert [r["seed_folder"] for r in row["runs"]] == [
-            str(output / "arms" / arm / f"seed-{s}") for s in (0, 1)
-        ]
+        assert [r["seed_folder"] for r in row["runs"]] == [f"arms/{arm}/seed-{s}" for s in (0, 1)]  # relative
         assert [r["metrics"] for r in row["runs"]] == [m["after"] for m in runs]
         for name in ("accuracy", "f1"):
             values = [m["after"][name] for m in runs]
@@ -498,7 +496,7 @@ def test_summarize_an_arm_with_one_seed_failed(tmp_path):
     }
     ok = {
         "status": "ok",
-        "folder": "a/seed-0",
+        "folder": "/somewhere/comparison/arms/a/seed-0",
         "train": trained,
         "merges": False,
         "process_peak_memory_bytes": 7,
@@ -516,4 +514,4 @@ def test_summarize_an_arm_with_one_seed_failed(tmp_path):
     assert summary["metrics_spread"] == {"accuracy": 0.0} and summary["trainable_share"] == 0.01
     assert (summary["peak_memory_bytes"], summary["adapter_bytes"], summary["merges"]) == (7, 4096, False)
     assert summary["unmerged_over_merged"] is None
-    assert summary["runs"] == [{"seed_folder": "a/seed-0", "metrics": {"accuracy": 0.75}}]
+    assert summary["runs"] == [{"seed_folder": "arms/a/seed-0", "metrics": {"accuracy": 0.75}}]

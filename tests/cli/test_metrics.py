@@ -76,3 +76,26 @@ def test_label_choice_picks_the_likelier_answer(causal_folder):
     assert metrics["accuracy"] == pytest.approx(
         sum(c == e.label for c, e in zip(chosen, examples, strict=True)) / 3
     )
+
+
+@pytest.mark.parametrize("config", ["prompt-tuning", "p-tuning"])
+def test_answer_log_likelihoods_of_a_soft_prompt_model_skip_its_virtual_positions(causal_folder, config):
+    """A soft prompt prepends positions to the logits; the answer's log-probabilities are those of the real
+    tokens, as the model computes them with the prompt in front."""
+    from peftkit import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_folder)
+    torch.manual_seed(0)
+    made = PromptTuningConfig if config == "prompt-tuning" else PromptEncoderConfig
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(causal_folder), made(num_virtual_tokens=4))
+    model.eval()
+    examples = [Example(t, "positive") for t in ["the film was good", "dull", "a fun and good film"]]
+    features = causal_lm_features(examples, tokenizer, "review: {text} sentiment:", 32)
+    sums, _ = answer_log_likelihoods(model, tokenizer, features, batch=2)
+    for feature, total in zip(features, sums, strict=True):
+        ids = torch.tensor([feature["input_ids"]])
+        with torch.no_grad():
+            log_probs = F.log_softmax(model(input_ids=ids).logits[0, 4:-1], -1)  # the 4 virtual positions off
+        answer_from = feature["labels"].index(next(t for t in feature["labels"] if t != -100))
+        expected = sum(log_probs[i - 1, ids[0, i]].item() for i in range(answer_from, ids.shape[1]))
+        assert total == pytest.approx(expected, abs=1e-4)

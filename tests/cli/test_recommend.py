@@ -264,14 +264,21 @@ def test_load_results_refuses_what_is_not_a_comparison(tmp_path):
 
 @pytest.mark.parametrize("model", list(SHIPPED))
 def test_the_shipped_tables_recommend_one_of_their_arms(model):
-    if not resources.files("peftkit").joinpath(f"data/measured/{SHIPPED[model]}").is_file():
-        with pytest.raises(ValueError, match=f"No measured table for '{model}' ships with this copy"):
-            load_results(None, model)
-        return
+    assert resources.files("peftkit").joinpath(f"data/measured/{SHIPPED[model]}").is_file()
     rows, source = load_results(None, model)
     assert source == f"the table shipped with peftkit ({SHIPPED[model]})"
     finished = [r["arm"] for r in rows if r["status"] == "ok"]
     assert finished and recommend(rows)["arm"] in finished
+
+
+def test_a_table_missing_from_this_copy_says_how_to_measure_one(monkeypatch):
+    monkeypatch.setitem(SHIPPED, "smollm2", "absent.json")
+    with pytest.raises(
+        ValueError,
+        match="No measured table for 'smollm2' ships with this copy of peftkit; run "
+        "peftkit compare --model smollm2 and pass its folder with --results.",
+    ):
+        load_results(None, "smollm2")
 
 
 # ---- the command -------------------------------------------------------------------------------------
