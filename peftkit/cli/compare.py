@@ -226,7 +226,7 @@ def inference_timing(args: argparse.Namespace, batches: int = 5) -> dict[str, An
             return perplexity(*scores)
 
         key = {"model": str(folder), "max_length": args.max_length, "sentences": len(general)}
-        before = _shared_figure(output.parents[2] / BASE_GENERAL_FILE, key, measure_base)
+        before = _shared_figure(comparison_folder(output) / BASE_GENERAL_FILE, key, measure_base)
         record["general_perplexity"] = {"before": before, "after": after}
     return record
 
@@ -300,6 +300,11 @@ def compare(
 
 def run_folder(output: Path, arm: Arm, seed: int) -> Path:
     return output / "arms" / arm.name / f"seed-{seed}"
+
+
+def comparison_folder(run: Path) -> Path:
+    """The comparison a `run_folder` belongs to."""
+    return run.parents[2]
 
 
 def _finished(folder: Path) -> bool:
@@ -415,7 +420,7 @@ def summarize(arm: Arm, runs: list[dict[str, Any]]) -> dict[str, Any]:
         }
     row["runs"] = [
         {
-            "seed_folder": Path(r["folder"]).relative_to(Path(r["folder"]).parents[2]).as_posix(),
+            "seed_folder": Path(r["folder"]).relative_to(comparison_folder(Path(r["folder"]))).as_posix(),
             "metrics": t["after"],
         }
         for r, t in zip(ok, trained, strict=True)
