@@ -116,6 +116,13 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--batch-size", type=int, default=16, help="rows per process per step")
     run.add_argument("--grad-accum", type=int, default=1)
+    run.add_argument(
+        "--batch-order",
+        choices=["length", "random"],
+        default="length",
+        help="length (default): each step's rows of like length, shuffled by step, so less padding; "
+        "random: every row shuffled",
+    )
     run.add_argument("--max-train-examples", type=int, help="train on at most this many rows")
     run.add_argument(
         "--quantize",

@@ -152,7 +152,8 @@ def run_arm(argv: list[str]) -> int:
         except Exception as error:  # the timing is extra: a failure here is noted, the arm stands
             record["timing_error"] = f"{type(error).__name__}: {error}"
     else:
-        record["error"] = f"peftkit train exited with status {status} (see {output / LOG_FILE})"
+        log = (output / LOG_FILE).relative_to(comparison_folder(output)).as_posix()
+        record["error"] = f"peftkit train exited with status {status} (see {log} in the comparison)"
     write_json(output / ARM_FILE, record)
     return status
 

@@ -47,6 +47,7 @@ from ..serialization import WEIGHTS_NAME, adapter_parameters, load_adapter_weigh
 from .data import (
     Collator,
     Dataset,
+    LengthGroupedOrder,
     causal_lm_features,
     classification_features,
     hold_out,
@@ -218,9 +219,11 @@ class AdapterTrainer(Trainer):
         learning_rates: dict[str, float] | None = None,
         validate: Callable[[], float] | None = None,
         patience: int = 0,
+        train_order: torch.utils.data.Sampler | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.train_order = train_order  # None: the Trainer's own shuffling
         self.learning_rates = learning_rates or {}
         self.loss_total = 0.0  # the sum of every optimizer step's loss, kept in checkpoints
         self.staging: str | None = None
@@ -297,6 +300,9 @@ class AdapterTrainer(Trainer):
         if bad:
             fault = f"step {self.state.global_step} left weights that are not finite ({', '.join(bad[:3])})"
             raise self.stopped(fault, when)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        return self.train_order or super()._get_train_sampler(train_dataset)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self.staging or super()._get_output_dir(trial)
@@ -685,6 +691,7 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         "seed": args.seed,
         "method": args.method,
         "quantize": args.quantize,
+        "batch_order": args.batch_order,
     }
     metrics_path = output / METRICS_FILE
     previous = json.loads(metrics_path.read_text()) if resume_from and metrics_path.is_file() else {}
@@ -699,6 +706,8 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         for line in schedule.describe():
             print(line)
         print(f"learning rate {rates}")
+        order = "rows of like length, shuffled by step" if args.batch_order == "length" else "shuffled rows"
+        print(f"batches: {order} (--batch-order {args.batch_order})")
     before = previous.get("before")
     if before is None and main_process:
         before = evaluate(
@@ -744,6 +753,9 @@ def _train(args: argparse.Namespace, callbacks: list | None, main_process: bool)
         if valid
         else None,
         patience=schedule.patience,
+        train_order=LengthGroupedOrder([len(f["input_ids"]) for f in features], global_batch, args.seed)
+        if args.batch_order == "length"
+        else None,
         callbacks=[progress := LossProgressBar(), keep_best := KeepBest(), *extra, *(callbacks or [])],
     )
     keep_best.trainer = trainer

@@ -316,3 +316,34 @@ def test_train_compile_trains_as_eager_training_does(encoder_folder, sentiment_c
     assert any(t.abs().max() > 0 for k, t in runs["eager"].items() if "lora_B" in k)  # the steps trained B
     for key, tensor in runs["eager"].items():
         torch.testing.assert_close(runs["compiled"][key], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["length", "random"])
+def test_batch_order_decides_how_much_a_training_batch_pads(order, encoder_folder, tmp_path, monkeypatch):
+    """By length, each step's rows pad to nearly their own tokens; shuffled, texts of 1 to 24 words pad to
+    far more. Counted in the batches the Trainer trains on."""
+    import random
+
+    from peftkit.cli import train as train_module
+    from peftkit.cli.data import Collator
+
+    rng = random.Random(0)
+    rows = [f"{' '.join(['good'] * rng.randint(1, 24))} {i},{'pos' if i % 2 else 'neg'}" for i in range(96)]
+    data = tmp_path / "lengths.csv"
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    counts = {"real": 0, "padded": 0}
+
+    class CountingCollator(Collator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            counts["real"] += int(batch["attention_mask"].sum())
+            counts["padded"] += batch["attention_mask"].numel()
+            return batch
+
+    monkeypatch.setattr(train_module, "Collator", CountingCollator)
+    extra = ["--max-steps", 10, "--batch-order", order, "--validation-fraction", 0, "--max-eval-examples", 4]
+    assert cli(*train_args(encoder_folder, data, tmp_path / "run", *extra)) == 0
+    ratio = counts["padded"] / counts["real"]
+    assert ratio < 1.1 if order == "length" else ratio > 1.3
+    run = json.loads((tmp_path / "run" / "peftkit_run.json").read_text())
+    assert run["batch_order"] == order

@@ -98,7 +98,7 @@ def test_every_arm_has_its_row_and_the_failed_one_its_error(comparison):
     broken = results[2]
     assert broken["options"] == ["--method", "lora", "--target-modules", "nomatch"]
     assert (broken["seeds"], broken["seeds_ok"]) == (2, 0) and "metrics" not in broken
-    assert "peftkit train exited with status 2" in broken["error"]
+    assert "peftkit train exited with status 2 (see arms/broken/seed-0/train.log in" in broken["error"]
     assert "target_modules=['nomatch'] matched nothing in BertForSequenceClassification" in broken["error"]
     assert "1 arms failed: broken" in printed
     for seed in (0, 1):

@@ -12,6 +12,7 @@ from peftkit.cli.data import (
     IGNORE_INDEX,
     Collator,
     Example,
+    LengthGroupedOrder,
     causal_lm_features,
     classification_features,
     load_dataset,
@@ -113,3 +114,27 @@ def test_classification_features_map_labels_to_indices(encoder_folder):
     assert [f["labels"] for f in features] == [1, 0]
     batch = Collator(tokenizer.pad_token_id)(features)
     assert batch["labels"].tolist() == [1, 0] and batch["input_ids"].dtype == torch.long
+
+
+def test_length_grouped_order_batches_like_lengths_and_reshuffles_each_epoch():
+    lengths = [(7 * i) % 101 + 1 for i in range(101)]  # 101 distinct lengths, one window of batches
+    order = LengthGroupedOrder(lengths, batch=8, seed=3)
+    first = list(order)
+    assert sorted(first) == list(range(101)) and first == list(LengthGroupedOrder(lengths, 8, 3))
+    batches = [first[i : i + 8] for i in range(0, 101, 8)]
+    by_length = sorted(range(101), key=lengths.__getitem__)
+    chunks = [by_length[i : i + 8] for i in range(0, 96, 8)]  # the 12 whole batches of the sorted rows
+    assert sorted(map(sorted, batches[:-1])) == sorted(map(sorted, chunks))
+    assert batches[:-1] != chunks  # shuffled by batch
+    assert sorted(batches[-1]) == sorted(by_length[96:])  # the short batch stays last
+    order.set_epoch(1)
+    assert list(order) != first and sorted(order) == list(range(101))
+
+
+def test_length_grouped_order_sorts_only_within_windows():
+    lengths = list(range(1, 1201))
+    first = list(LengthGroupedOrder(lengths, batch=4, seed=0))  # windows of 200 of the shuffled rows
+    window = torch.randperm(1200, generator=torch.Generator().manual_seed(0))[:200].tolist()
+    expected = sorted(window, key=lengths.__getitem__)
+    batches = {tuple(first[i : i + 4]) for i in range(0, 1200, 4)}
+    assert all(tuple(expected[i : i + 4]) in batches for i in range(0, 200, 4))
