@@ -3,6 +3,8 @@ peft's LoRA, 2 epochs, lr 1e-3, batch 32) on labelled CSV files: the same split,
 one process at a time. Prints one row per file with both accuracies, their difference and both times.
 
     python benchmarks/defaults.py data/a.csv data/b.csv [--seed 0] [--json results.json]
+
+benchmarks/tuning_data.py writes the sets the README's "Defaults that follow the data" reports.
 """
 
 from __future__ import annotations

@@ -165,6 +165,9 @@ def _with_spread(row: dict[str, Any], name: str) -> str:
 def _why_not(row: dict[str, Any], best: dict[str, Any], name: str, key: str | None) -> str:
     if key is not None and row[key] > best[key]:
         return f"{shown(key, row[key])} against {shown(key, best[key])}"
+    if key is None and row["metrics"][name] == best["metrics"][name]:  # a tie goes to the smaller adapter
+        size = f"{human_bytes(row['adapter_bytes'])} against {human_bytes(best['adapter_bytes'])}"
+        return f"{name} tied at {row['metrics'][name]:.4f}; adapter {size}"
     return f"{name} {row['metrics'][name]:.4f} against {best['metrics'][name]:.4f}"
 
 

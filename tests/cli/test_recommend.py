@@ -78,6 +78,24 @@ def test_without_limits_the_best_quality():
     ]
 
 
+def test_a_tie_in_quality_goes_to_the_smaller_adapter_and_says_so():
+    tied = [
+        arm("big", 0.9, GiB, 100, 4 * MiB),
+        arm("small", 0.9, 2 * GiB, 200, MiB),
+        arm("low", 0.8, GiB, 50, 1),
+    ]
+    answer = recommend(tied)
+    assert answer["arm"] == "small"
+    assert answer["runners_up"] == [
+        {
+            "arm": "big",
+            "accuracy": 0.9,
+            "why_not": "accuracy tied at 0.9000; adapter 4.0 MiB against 1.0 MiB",
+        },
+        {"arm": "low", "accuracy": 0.8, "why_not": "accuracy 0.8000 against 0.9000"},
+    ]
+
+
 @pytest.mark.parametrize(
     "limits, chosen, fitting",
     [
