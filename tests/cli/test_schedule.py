@@ -200,10 +200,21 @@ def test_a_tiny_set_trains_the_default_length_without_a_validation_slice(
 @pytest.fixture(scope="module")
 def early_stopped(tmp_path_factory, encoder_folder, sentiment_csv):
     """A validation slice of 30% on the tiny data, a loss every 2 steps, stopping after 2 passes without
-    improvement: at LoRA's default rate the validation loss rises from the first pass on, so the run stops
-    at step 6 of 12 and keeps step 2."""
+    improvement, every row shuffled (the order this trajectory was read from): at LoRA's default rate the
+    validation loss rises from the first pass on, so the run stops at step 6 of 12 and keeps step 2."""
     output = tmp_path_factory.mktemp("runs") / "early"
-    extra = ["--validation-fraction", 0.3, "--max-steps", 12, "--save-steps", 2, "--patience", 2]
+    extra = [
+        "--validation-fraction",
+        0.3,
+        "--max-steps",
+        12,
+        "--save-steps",
+        2,
+        "--patience",
+        2,
+        "--batch-order",
+        "random",
+    ]
     metrics = train(build_parser().parse_args(train_argv(encoder_folder, sentiment_csv, output, *extra)))
     return output, metrics
 
@@ -281,7 +292,19 @@ def test_resuming_a_run_that_stopped_early_trains_nothing(
     output, first = early_stopped
     copy = tmp_path / "early"
     shutil.copytree(output, copy)
-    extra = ["--validation-fraction", 0.3, "--max-steps", 12, "--save-steps", 2, "--patience", 2, "--resume"]
+    extra = [
+        "--validation-fraction",
+        0.3,
+        "--max-steps",
+        12,
+        "--save-steps",
+        2,
+        "--patience",
+        2,
+        "--batch-order",
+        "random",
+        "--resume",
+    ]
     again = train(build_parser().parse_args(train_argv(encoder_folder, sentiment_csv, copy, *extra)))
     for key in (
         "before",
