@@ -197,24 +197,17 @@ def test_a_tiny_set_trains_the_default_length_without_a_validation_slice(
     assert (tally["validation"], tally["stopped_early"]) == ([], False)
 
 
+EARLY_STOPPING = ["--validation-fraction", 0.3, "--max-steps", 12, "--save-steps", 2, "--patience", 2]
+EARLY_STOPPING += ["--batch-order", "random"]
+
+
 @pytest.fixture(scope="module")
 def early_stopped(tmp_path_factory, encoder_folder, sentiment_csv):
     """A validation slice of 30% on the tiny data, a loss every 2 steps, stopping after 2 passes without
     improvement, every row shuffled (the order this trajectory was read from): at LoRA's default rate the
     validation loss rises from the first pass on, so the run stops at step 6 of 12 and keeps step 2."""
     output = tmp_path_factory.mktemp("runs") / "early"
-    extra = [
-        "--validation-fraction",
-        0.3,
-        "--max-steps",
-        12,
-        "--save-steps",
-        2,
-        "--patience",
-        2,
-        "--batch-order",
-        "random",
-    ]
+    extra = EARLY_STOPPING
     metrics = train(build_parser().parse_args(train_argv(encoder_folder, sentiment_csv, output, *extra)))
     return output, metrics
 
@@ -292,19 +285,7 @@ def test_resuming_a_run_that_stopped_early_trains_nothing(
     output, first = early_stopped
     copy = tmp_path / "early"
     shutil.copytree(output, copy)
-    extra = [
-        "--validation-fraction",
-        0.3,
-        "--max-steps",
-        12,
-        "--save-steps",
-        2,
-        "--patience",
-        2,
-        "--batch-order",
-        "random",
-        "--resume",
-    ]
+    extra = [*EARLY_STOPPING, "--resume"]
     again = train(build_parser().parse_args(train_argv(encoder_folder, sentiment_csv, copy, *extra)))
     for key in (
         "before",
